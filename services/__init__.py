@@ -1,0 +1,1 @@
+"""Tandem: LLM serving with prefill and decode disaggregated."""

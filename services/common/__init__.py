@@ -1,0 +1,1 @@
+"""Code shared by every Tandem service: config helpers, logging, generated stubs."""

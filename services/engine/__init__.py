@@ -1,0 +1,1 @@
+"""Model execution shared by the prefill and decode workers (and by nothing else)."""
