@@ -133,7 +133,10 @@ def _tokenize(tokenizer: Tokenizer, item: dict[str, Any], index: int) -> list[in
         return tokenizer.encode_chat(item["messages"], add_generation_prompt=True)
     if not isinstance(item["prompt"], str):
         raise ValueError(f"prompt {index}: 'prompt' must be a string")
-    return tokenizer.encode(item["prompt"])
+    ids = tokenizer.encode(item["prompt"])
+    if not ids:
+        raise ValueError(f"prompt {index}: the prompt is empty")
+    return ids
 
 
 def _record(item: dict[str, Any], index: int, result: Completion, with_logprobs: bool) -> dict:

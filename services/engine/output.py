@@ -68,7 +68,7 @@ class RequestState:
         ):
             reason = "length"
         if reason == "length" or (reason == "stop" and token_id in self._stop_ids):
-            text += self._stops.flush()
+            text += self._flush()
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=[token_id],
@@ -80,6 +80,13 @@ class RequestState:
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
         )
+
+    def _flush(self) -> str:
+        """What the detokenizer and the stop matcher still hold, when generation ends for a
+        reason other than a stop string; still cut at a stop string."""
+        held = self._detokenizer.flush() if self._detokenizer is not None else ""
+        text, _ = self._stops.push(held)
+        return text + self._stops.flush()
 
     def final_output(self, reason: str) -> RequestOutput:
         """The closing delta of a request ended from outside (abort)."""
