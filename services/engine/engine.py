@@ -8,6 +8,12 @@ Contract (single-threaded; the caller owns the loop):
   Finished requests have released their pages before `step` returns.
 - `abort(request_id)` ends a request wherever it is (queued, prefilling, decoding) and frees its
   pages at once.
+PD hooks (the engine never moves KV itself; kvd does, between the calls):
+- prefill side: `add_request(..., keep_kv=True)`; its finishing output carries `kv_page_ids`,
+  pages the engine keeps until `release_kv(request_id)`.
+- decode side: `add_remote_prefill` reserves pages for the prompt and returns their ids (the
+  room's destination); once kvd says the KV landed, `kv_arrived(request_id, first_token)` queues
+  the request to decode, its first token already known.
 The KV pool may be memory the engine did not allocate (`pool=`): kvd's segment in a worker.
 """
 
@@ -26,10 +32,10 @@ from services.engine.kv_pool import KVLayout, KVPool
 from services.engine.model import LlamaModel
 from services.engine.output import Completion, RequestOutput, RequestState
 from services.engine.runner import ModelRunner
-from services.engine.sampler import Sampler, make_generator
+from services.engine.sampler import Sampler, TokenLogprobs, make_generator, skip_one_draw
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
-from services.engine.sequence import Sequence
+from services.engine.sequence import Sequence, SequenceStatus
 from services.engine.tokenizer import Tokenizer
 
 
@@ -85,7 +91,8 @@ class LLMEngine:
         self.sampler = Sampler()
         eos = set(mc.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
-        self._requests: dict[str, RequestState] = {}
+        self._requests: dict[str, RequestState] = {}  # every live request, in any state
+        self._keep_kv: set[str] = set()  # PD prefill requests whose pages outlive them
         self._arrivals = itertools.count()
 
     def _layout(self) -> KVLayout:
@@ -109,27 +116,83 @@ class LLMEngine:
     # --- requests -------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: SequenceOf[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, keep_kv: bool = False) -> None:
+        state = self._new_state(request_id, prompt_token_ids, params)
+        if keep_kv:
+            self._keep_kv.add(request_id)
+        self._requests[request_id] = state
+        self.scheduler.add(state.seq)
+
+    def add_remote_prefill(self, request_id: str, prompt_token_ids: SequenceOf[int],
+                           params: SamplingParams) -> list[int] | None:
+        """Decode side of PD: reserve pages for the prompt's KV, computed elsewhere. Returns the
+        page ids in token order, or None (nothing held) when the pool is full right now."""
+        state = self._new_state(request_id, prompt_token_ids, params)
+        if not self.scheduler.reserve_for_remote_kv(state.seq):
+            return None
+        self._requests[request_id] = state
+        return list(state.seq.page_ids)
+
+    def kv_arrived(self, request_id: str, first_token_id: int,
+                   logprobs: TokenLogprobs | None = None,
+                   num_cached_tokens: int = 0) -> RequestOutput:
+        """The prompt's KV landed in the reserved pages; `first_token_id` was sampled by the
+        prefill side. Returns the first output; the request then decodes like any other."""
+        state = self._requests[request_id]
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise EngineInputError(f"first token id {first_token_id} is out of range")
+        state.seq.num_cached_tokens = num_cached_tokens
+        skip_one_draw(state.generator, state.seq.params, self.model_config.vocab_size,
+                      self.model.device)
+        output = state.append_token(first_token_id, logprobs)
+        if output.finished:
+            self.scheduler.release_held(state.seq)
+            del self._requests[request_id]
+        else:
+            self.scheduler.kv_landed(state.seq)
+        return output
+
+    def release_kv(self, request_id: str) -> bool:
+        """Prefill side of PD: the KV of a finished keep_kv request has been sent (or given
+        up); free its pages. False if the request holds none."""
+        if request_id not in self._keep_kv:
+            return False
+        state = self._requests.pop(request_id, None)
+        self._keep_kv.discard(request_id)
+        if state is None:
+            return False
+        if state.seq.status is SequenceStatus.KV_HELD:
+            self.scheduler.release_held(state.seq)
+        else:
+            self.scheduler.finish(state.seq, "abort")
+        return True
+
+    def _new_state(self, request_id: str, prompt_token_ids: SequenceOf[int],
+                   params: SamplingParams) -> RequestState:
         self._validate(request_id, prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
                        next(self._arrivals))
         generator = make_generator(params.seed, self.model.device)
         # A sequence may not outgrow the pool either: it could never be scheduled again.
         limit = min(self.max_model_len, self.kv.num_pages * self.kv.page_size)
-        self._requests[request_id] = RequestState(seq, self.tokenizer, self.eos_token_ids,
-                                                  limit, generator)
-        self.scheduler.add(seq)
+        return RequestState(seq, self.tokenizer, self.eos_token_ids, limit, generator)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now; its final output, or None if it is not (or no longer) here."""
         state = self._requests.pop(request_id, None)
         if state is None:
             return None
+        self._keep_kv.discard(request_id)
         self.scheduler.finish(state.seq, "abort")
         return state.final_output("abort")
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
+
+    def has_work(self) -> bool:
+        """Whether `step` would compute anything (requests waiting for KV or holding KV for a
+        transfer do not count)."""
+        return self.scheduler.num_unfinished > 0
 
     @property
     def num_unfinished(self) -> int:
@@ -186,8 +249,13 @@ class LLMEngine:
                                              strict=True):
             output = state.append_token(token_id, logprobs)
             if output.finished:
-                self.scheduler.finish(state.seq, output.finish_reason or "stop")
-                del self._requests[state.seq.request_id]
+                rid = state.seq.request_id
+                keep_kv = rid in self._keep_kv
+                self.scheduler.finish(state.seq, output.finish_reason or "stop", keep_kv=keep_kv)
+                if keep_kv:
+                    output.kv_page_ids = list(state.seq.page_ids)
+                else:
+                    del self._requests[rid]
             outputs.append(output)
         return outputs
 

@@ -33,6 +33,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    kv_page_ids: list[int] | None = None  # PD prefill (keep_kv): pages holding the prompt's KV
 
 
 class RequestState:

@@ -254,3 +254,16 @@ def _gather_logprobs(
             top_logprobs=top_values_list[n][:row_k],
         )
     return result
+
+
+def skip_one_draw(generator: torch.Generator | None, params: SamplingParams, vocab: int,
+                  device: torch.device | str) -> None:
+    """Consume exactly the randomness `Sampler` uses for one sampled step of a seeded row.
+
+    PD: the prefill side sampled the first token with a fresh generator; the decode side's
+    generator, seeded the same, must skip that draw so the rest of the stream is the one a
+    unified run produces. Greedy steps draw nothing, so nothing is skipped for them.
+    """
+    if generator is None or params.is_greedy:
+        return
+    torch.empty(vocab, dtype=torch.float32, device=device).exponential_(generator=generator)

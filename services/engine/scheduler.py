@@ -106,15 +106,47 @@ class Scheduler:
             seq.num_computed_tokens += num
             self.kv.register_full_pages(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence (stop, length or abort) wherever it is; frees its pages."""
+    def finish(self, seq: Sequence, reason: str, keep_kv: bool = False) -> None:
+        """End a sequence (stop, length or abort) wherever it is; frees its pages, unless
+        `keep_kv`: then it leaves the queues in state KV_HELD, pages still held, until
+        `release_held`."""
+        self._dequeue(seq)
+        seq.finish_reason = reason
+        if keep_kv:
+            seq.status = SequenceStatus.KV_HELD
+            return
+        self.kv.release(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def release_held(self, seq: Sequence) -> None:
+        """Free the pages of a KV_HELD or AWAITING_KV sequence that is not coming back."""
+        assert seq.status in (SequenceStatus.KV_HELD, SequenceStatus.AWAITING_KV)
+        self.kv.release(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def reserve_for_remote_kv(self, seq: Sequence) -> bool:
+        """Decode side of PD: pages for the whole prompt, whose KV another node computes.
+        False (nothing held) if the pool cannot supply them now."""
+        assert not seq.page_ids
+        if not self.kv.ensure_pages(seq, seq.num_tokens):
+            return False
+        seq.status = SequenceStatus.AWAITING_KV
+        return True
+
+    def kv_landed(self, seq: Sequence) -> None:
+        """The prompt's KV is in the pages: queue the sequence to decode (it is admitted like
+        any waiting sequence, with nothing left to compute but its newest token)."""
+        assert seq.status is SequenceStatus.AWAITING_KV
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.kv.register_full_pages(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _dequeue(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.kv.release(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
 
     def _reserve_or_preempt(self, seq: Sequence, num: int) -> bool:
         """Pages for `seq`'s next `num` tokens, preempting the newest running sequences until

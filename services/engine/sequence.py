@@ -11,7 +11,9 @@ Region map of a sequence (P = page size):
                  [num_hashed_pages, len(page_ids)) owned by this sequence alone
 
 Page ownership: `page_ids` holds one reference per page, taken by `KVCacheManager` and given
-back by it when the sequence finishes, aborts or is preempted. No torch here.
+back by it when the sequence finishes, aborts or is preempted. In PD mode two more states hold
+pages outside the scheduler's queues: AWAITING_KV (decode: pages granted to a room, the prompt's
+KV not yet landed) and KV_HELD (prefill: finished, pages kept while kvd sends them). No torch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from services.engine.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"  # holds pages; prefilling or decoding
+    AWAITING_KV = "awaiting_kv"  # decode side of PD: holds pages the prompt's KV will land in
+    KV_HELD = "kv_held"  # prefill side of PD: done, pages kept until the KV has been sent
     FINISHED = "finished"
 
 
