@@ -5,13 +5,33 @@ Each subcommand's module is imported only when chosen, so `tandem gateway` never
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import importlib.util
 import sys
 
-# subcommand -> (module with `main(argv) -> int`, one-line help)
+# subcommand -> ("module" with `main(argv) -> int`, or "module:function"; one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("services.engine.generate_cli", "run prompts through the engine, offline"),
+    "serve": ("services.cli:serve", "run a worker: unified (null), prefill or decode"),
 }
+
+# --disaggregation-mode -> the package whose __main__ serves it
+SERVE_MODES = {"null": "services.decode", "decode": "services.decode",
+               "prefill": "services.prefill"}
+
+
+def serve(argv: list[str]) -> int:
+    """`tandem serve`: pick the worker package by --disaggregation-mode; it parses the rest."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--disaggregation-mode", default="null")
+    mode = pre.parse_known_args(argv)[0].disaggregation_mode
+    package = SERVE_MODES.get(mode, "services.decode")  # its parser rejects unknown modes
+    if importlib.util.find_spec(package) is None:
+        print(f"tandem serve: error: --disaggregation-mode {mode} is not available: "
+              f"{package} is not installed", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(f"{package}.__main__").main(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         print(f"tandem: unknown command {args[0]!r}; try `tandem --help`", file=sys.stderr)
         return 2
-    module = importlib.import_module(command[0])
-    return int(module.main(args[1:]))
+    module_name, _, function = command[0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "main")(args[1:]))
 
 
 if __name__ == "__main__":
