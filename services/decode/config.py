@@ -17,8 +17,6 @@ def check_mode(config: ServeConfig) -> None:
     if config.disaggregation_mode == "prefill":
         raise ValueError("--disaggregation-mode prefill is served by services.prefill, "
                          "not the decode worker")
-    if config.disaggregation_mode == "decode":
-        raise ValueError("--disaggregation-mode decode needs kvd, see issue 3")
 
 
 def load_config(argv: list[str]) -> ServeConfig:

@@ -20,9 +20,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.grpc_errors import ExceptionInterceptor
 from services.common.proto.tandem.v1 import worker_pb2 as pb
 from services.common.proto.tandem.v1 import worker_pb2_grpc
-from services.decode.server import ExceptionInterceptor
 from services.engine.engine import EngineConfig, LLMEngine
 from services.engine.loader import load_model
 from services.engine.sampling_params import SamplingParams
@@ -264,9 +264,8 @@ def test_embedded_model_knows_the_capital_of_france(servers):
 @pytest.mark.parametrize("flags, words", [
     (["--tp-size", "2"], "--tp-size 2"),
     (["--enable-dp-attention"], "--enable-dp-attention"),
-    # until the PD modes land (the lead replaces these two):
-    (["--disaggregation-mode", "decode"], "needs kvd"),
-    (["--disaggregation-mode", "prefill"], "--disaggregation-mode prefill"),
+    (["--disaggregation-mode", "prefill", "--dp-size", "8"], "--dp-size 8"),
+    (["--disaggregation-mode", "decode", "--nnodes", "2"], "--nnodes 2"),
 ])
 def test_unsupported_flags_exit_fast_with_one_line(flags, words):
     start = time.monotonic()

@@ -1,0 +1,106 @@
+"""Decode mode: a request's prompt KV comes from a prefill worker, through the node's kvd.
+
+Contract of `DecodeServicer._prompt_stream` for a request with `disaggregation` (room, the
+prefill node's kvd address):
+1. reserve pages for the prompt in the engine (waiting while the pool is full, at most
+   SGLANG_DISAGGREGATION_WAITING_TIMEOUT);
+2. ExpectKv: kvd binds those pages to the room, bootstraps the prefill side and waits for the
+   KV and the first token (kvd enforces the waiting timeout and the heartbeats);
+3. the engine continues from the first token and streams the rest.
+Any failure or cancellation aborts the engine request (its pages are freed) and kvd unpins
+the room's pages; the client gets the status of the failure (RoomFailed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncGenerator
+
+import grpc
+
+from services.common.kvd_client import RoomFailed
+from services.common.proto.tandem.v1 import kvd_pb2, worker_pb2
+from services.common.serve_config import ServeConfig
+from services.decode.server import GenerateServicer, Worker
+from services.engine.engine import LLMEngine
+from services.engine.engine_loop import EngineLoop
+from services.engine.loader import LoadedModel
+from services.engine.output import RequestOutput
+from services.engine.runtime import PDAttachment, build_pd_engine
+from services.engine.sampler import TokenLogprobs
+from services.engine.sampling_params import SamplingParams
+
+RESERVE_POLL_S = 0.02
+
+
+def waiting_timeout() -> float:
+    return float(os.environ.get("SGLANG_DISAGGREGATION_WAITING_TIMEOUT") or 300.0)
+
+
+class DecodeServicer(GenerateServicer):
+    def __init__(self, engine: EngineLoop, loaded: LoadedModel, config: ServeConfig,
+                 pd: PDAttachment) -> None:
+        super().__init__(engine, loaded, config)
+        self.pd = pd
+
+    @property
+    def kvd_peer_address(self) -> str:
+        return self.pd.peer_address
+
+    def _check_request(self, request: worker_pb2.GenerateRequest) -> None:
+        d = request.disaggregation
+        if not d.room or not d.peer_kvd_address:
+            raise ValueError("a decode worker needs `disaggregation`: the room and the "
+                             "prefill node's kvd address (peer_kvd_address)")
+
+    async def _prompt_stream(self, request_id: str, request: worker_pb2.GenerateRequest,
+                             prompt_ids: list[int], params: SamplingParams
+                             ) -> AsyncGenerator[RequestOutput, None]:
+        room = request.disaggregation.room
+        page_ids = await self._reserve(request_id, prompt_ids, params)
+        try:
+            reply = await self.pd.kvd.stub.ExpectKv(kvd_pb2.ExpectKvRequest(
+                pool_id=self.pd.pool_id, room=room, page_ids=page_ids,
+                peer_address=request.disaggregation.peer_kvd_address))
+            aux = reply.aux
+            logprobs = (TokenLogprobs(aux.first_token_id, aux.first_logprob,
+                                      list(aux.top_token_ids), list(aux.top_logprobs))
+                        if params.logprobs is not None else None)
+            await self.engine.kv_arrived(request_id, aux.first_token_id, logprobs,
+                                         aux.cached_tokens)
+        except grpc.aio.AioRpcError as e:
+            await self.engine.abort(request_id)
+            raise RoomFailed.from_rpc(room, e) from None
+        except BaseException:
+            await asyncio.shield(self.engine.abort(request_id))
+            raise
+        async for output in self.engine.remote_stream(request_id):
+            yield output
+
+    async def _reserve(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> list[int]:
+        deadline = time.monotonic() + waiting_timeout()
+        while True:
+            page_ids = await self.engine.add_remote_prefill(request_id, prompt_ids, params)
+            if page_ids is not None:
+                return page_ids
+            if time.monotonic() > deadline:
+                raise RoomFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"no KV pages for a {len(prompt_ids)}-token prompt within "
+                                 f"{waiting_timeout():g}s: the decode pool is full")
+            await asyncio.sleep(RESERVE_POLL_S)
+
+
+class DecodeWorker(Worker):
+    """A decode worker: its KV pool lives in the node's kvd."""
+
+    pd: PDAttachment
+
+    async def make_engine(self) -> LLMEngine:
+        engine, self.pd = await build_pd_engine(self.config, self.loaded, self.device)
+        return engine
+
+    def make_servicer(self, engine: EngineLoop) -> GenerateServicer:
+        return DecodeServicer(engine, self.loaded, self.config, self.pd)

@@ -1,0 +1,98 @@
+"""Engine construction for a serving worker: device, model, KV pool, engine.
+
+Contract: `resolve_device` turns `--device auto` / `--base-gpu-id` into the device really used
+(warning where a flag has no effect here); `build_engine` loads the model and makes its
+`LLMEngine`, on a KV pool handed in from outside (kvd's segment in PD modes) or its own.
+No protobuf here: workers convert at their boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from services.common.kvd_client import KvdClient, advertised_host, ensure_kvd, kv_layout
+from services.common.serve_config import ServeConfig
+from services.engine.engine import DEFAULT_CPU_PAGES, EngineConfig, LLMEngine
+from services.engine.kv_pool import KVPool
+from services.engine.loader import LoadedModel, load_model
+from services.engine.pd_pool import dtype_name, kvd_pool, layout_for, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(config: ServeConfig) -> str:
+    """`--device auto` and `--base-gpu-id` against the hardware that is really here."""
+    has_cuda = torch.cuda.is_available()
+    kind = ("cuda" if has_cuda else "cpu") if config.device == "auto" else config.device
+    if kind == "cuda":
+        if not has_cuda:
+            raise ValueError("--device cuda: no CUDA device is available on this machine")
+        count = torch.cuda.device_count()
+        if config.base_gpu_id >= count:
+            raise ValueError(f"--base-gpu-id {config.base_gpu_id}: this machine has {count} "
+                             "GPU(s)")
+        return f"cuda:{config.base_gpu_id}"
+    if config.base_gpu_id != 0:
+        logger.warning("--base-gpu-id %d has no effect: running on cpu (%s)", config.base_gpu_id,
+                       "no GPU here" if not has_cuda else "--device cpu")
+    if config.mem_fraction_static is not None:
+        logger.warning("--mem-fraction-static has no effect on cpu; --num-kv-pages sizes the "
+                       "KV pool")
+    return "cpu"
+
+
+def engine_config(config: ServeConfig, device: str) -> EngineConfig:
+    return EngineConfig(
+        page_size=config.page_size, num_pages=config.num_kv_pages,
+        mem_fraction_static=config.mem_fraction_static,
+        max_running_requests=config.max_running_requests,
+        chunked_prefill_size=config.chunked_prefill_size,
+        enable_prefix_cache=not config.disable_prefix_cache,
+        max_model_len=config.max_model_len, device=device)
+
+
+def build_engine(config: ServeConfig, pool: KVPool | None = None,
+                 loaded: LoadedModel | None = None) -> tuple[LoadedModel, LLMEngine]:
+    device = resolve_device(config)
+    if loaded is None:
+        loaded = load_model(config.model_path, device=device)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, engine_config(config, device), pool=pool)
+    logger.info("model %s on %s: %d KV pages of %d tokens, context %d", loaded.name, device,
+                engine.kv.num_pages, engine.kv.page_size, engine.max_model_len)
+    return loaded, engine
+
+
+@dataclass(slots=True)
+class PDAttachment:
+    """A PD worker's link to its node's kvd."""
+
+    kvd: KvdClient
+    pool_id: str
+    peer_address: str  # the kvd's peer service: what the other side of a room dials
+
+
+async def build_pd_engine(config: ServeConfig, loaded: LoadedModel,
+                          device: str) -> tuple[LLMEngine, PDAttachment]:
+    """The engine of a prefill/decode worker, computing in the pool its node's kvd owns.
+    Starts the kvd when none runs (`ensure_kvd`, blocking: call before serving)."""
+    if device != "cpu":
+        raise ValueError("--disaggregation-mode prefill/decode on a GPU needs kvd-owned VRAM "
+                         "pools, which this build does not have yet; use --device cpu")
+    stats = await asyncio.to_thread(
+        ensure_kvd, config.kvd_socket, advertised_host(config.host), config.kvd_port,
+        config.disaggregation_transfer_backend, config.disaggregation_ib_device)
+    cfg = engine_config(config, device)
+    layout = layout_for(loaded, cfg.page_size, cfg.num_pages or DEFAULT_CPU_PAGES)
+    kvd = KvdClient(config.kvd_socket)
+    reply, buffer = await kvd.attach(
+        f"{config.disaggregation_mode}-{config.port}",
+        kv_layout(layout.num_pages, layout.num_layers, layout.page_size, layout.num_kv_heads,
+                  layout.head_dim, dtype_name(layout.dtype), model_fingerprint(loaded)))
+    if reply.reattached:
+        logger.info("re-attached to KV pool %s", reply.pool_id)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, pool=kvd_pool(buffer, layout))
+    return engine, PDAttachment(kvd, reply.pool_id, stats.peer_address)

@@ -1,0 +1,1 @@
+"""kvd: the per-node KV daemon (pool memory, transfers, page accounting)."""

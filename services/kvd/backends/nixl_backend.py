@@ -1,0 +1,266 @@
+"""NIXL transfer backend: one NIXL agent per kvd process, UCX by default.
+
+`SGLANG_DISAGGREGATION_NIXL_BACKEND` picks the NIXL plugin (UCX, LIBFABRIC, ...); a plugin
+that is unknown or fails to load is a start-up `BackendUnavailable` that lists the plugins this
+NIXL build ships. The agent runs with NIXL's reader/writer thread sync, so writes from several
+threads proceed concurrently while `register`/`connect` take the agent's writer lock. Its
+progress thread (needed: it serves peers' writes into this process) pauses PROGRESS_DELAY_US
+between idle polls instead of spinning a core as nixl_agent's default does.
+
+Metadata is a header (magic, memory type and device id of the registered memory, agent name)
+followed by NIXL's agent metadata; it names every region registered so far, so a peer that
+registered more memory must send fresh metadata and the writer must `connect()` again before
+writing there (NIXL checks remote ranges against the metadata it holds: `TransferError`).
+`connect()` with this backend's own metadata gives a loopback peer (NIXL copies locally).
+
+UCX facts (DESIGN.md): a process that created the UCX backend segfaults at exit unless
+`UCX_MODULES=^ib` is set or it ends with `os._exit`; `UCX_TLS=tcp` forces the network path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from services.kvd.backends.base import BackendUnavailable, TransferError
+from services.kvd.backends.shared import RegionTable, batch_arrays, check_ib_devices
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_ENV = "SGLANG_DISAGGREGATION_NIXL_BACKEND"
+DEFAULT_PLUGIN = "UCX"
+_HEADER = struct.Struct("<4s4siH")  # magic, mem_type ("DRAM" | "VRAM"), device id, len(name)
+_MAGIC = b"TNX1"
+_MEM_TYPES = ("DRAM", "VRAM")
+_MAX_POLL_SLEEP_S = 1e-3
+# The progress thread's pause between idle polls. nixl_agent hard-codes 0, and the thread then
+# spins a core even when no transfer is running (measured: 60% of a core on an idle kvd, and
+# writes over UCX_TLS=tcp ~3x slower on 2 cores); 100 us costs ~1% of a core and no bandwidth.
+PROGRESS_DELAY_US = 100
+
+
+class NixlBackend:
+    name = "nixl"
+
+    def __init__(
+        self,
+        *,
+        plugin: str | None = None,
+        ib_device: str | None = None,
+        mem_type: str = "DRAM",
+        device_id: int = 0,
+        timeout_s: float = 30.0,
+    ) -> None:
+        if mem_type not in _MEM_TYPES:
+            raise ValueError(f"nixl mem_type must be one of {_MEM_TYPES}, not {mem_type!r}")
+        plugin = plugin or os.environ.get(PLUGIN_ENV) or DEFAULT_PLUGIN
+        if ib_device:
+            check_ib_devices(ib_device)
+        try:
+            from nixl._api import (  # type: ignore[import-untyped]
+                nixl_agent,
+                nixl_agent_config,
+                nixl_thread_sync_t,
+            )
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"transfer backend 'nixl' needs the NIXL Python package: pip install nixl==1.5.1 "
+                f"(CUDA 13 machines: nixl-cu13) ({e})"
+            ) from e
+        self.agent_name = f"tandem-kvd-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._mem_type = mem_type
+        self._device_id = device_id
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()  # guards the dicts below, not NIXL (which locks itself)
+        self._metadata_by_peer: dict[str, bytes] = {}  # the latest metadata loaded per peer
+        self._peer_mem: dict[str, tuple[str, int]] = {}  # peer -> (mem_type, device id)
+        self._registrations: list[object] = []
+        self._regions = RegionTable()  # the same ranges, to name a bad source range clearly
+        self._is_closed = False
+        sync_mode = getattr(
+            nixl_thread_sync_t, "NIXL_THREAD_SYNC_RW", nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+        )
+        try:
+            agent = nixl_agent(self.agent_name, nixl_agent_config(backends=[], sync_mode=sync_mode))
+        except RuntimeError as e:  # "No plugins available for NIXL"
+            raise BackendUnavailable(f"NIXL found no plugins at all: {e}") from e
+        _throttle_progress_thread(agent, sync_mode.value)
+        available = list(agent.get_plugin_list())
+        if plugin not in available:
+            raise BackendUnavailable(
+                f"NIXL plugin {plugin!r} (from {PLUGIN_ENV}) is not available; "
+                f"this NIXL ships: {', '.join(available)}"
+            )
+        init_params: dict[str, str] = {}
+        if ib_device:
+            if plugin != "UCX":
+                raise ValueError(
+                    f"--disaggregation-ib-device is applied through UCX; NIXL plugin {plugin!r} "
+                    "takes its devices from its own configuration"
+                )
+            init_params["ucx_devices"] = ib_device
+        try:
+            agent.create_backend(plugin, init_params)
+        except Exception as e:  # the bindings raise their own nixl*Error types
+            raise BackendUnavailable(
+                f"NIXL plugin {plugin!r} (from {PLUGIN_ENV}) failed to start: "
+                f"{type(e).__name__}: {e}; its system libraries may be missing. "
+                f"This NIXL ships: {', '.join(available)}"
+            ) from e
+        if f"{mem_type}_SEG" not in agent.get_backend_mem_types(plugin):
+            raise BackendUnavailable(f"NIXL plugin {plugin!r} cannot register {mem_type} memory")
+        self._agent = agent
+        self.plugin = plugin
+
+    def register(self, addr: int, length: int) -> None:
+        if addr <= 0 or length <= 0:
+            raise ValueError(f"cannot register addr={addr:#x} length={length}")
+        try:
+            descs = self._agent.register_memory(
+                [(addr, length, self._device_id, "")], self._mem_type
+            )
+        except Exception as e:
+            raise TransferError(
+                f"nixl: registering [{addr:#x}, +{length}) failed: {type(e).__name__}: {e}"
+            ) from e
+        self._regions.add(addr, length)
+        with self._lock:
+            self._registrations.append(descs)
+
+    def metadata(self) -> bytes:
+        name = self.agent_name.encode()
+        header = _HEADER.pack(_MAGIC, self._mem_type.encode(), self._device_id, len(name))
+        return header + name + self._agent.get_agent_metadata()
+
+    def connect(self, peer_metadata: bytes) -> str:
+        if len(peer_metadata) <= _HEADER.size or peer_metadata[:4] != _MAGIC:
+            raise TransferError("nixl: peer metadata is not from a Tandem nixl backend")
+        _, mem_type, device_id, name_len = _HEADER.unpack_from(peer_metadata)
+        body = _HEADER.size + name_len
+        peer = peer_metadata[_HEADER.size : body].decode(errors="replace")
+        with self._lock:
+            if self._metadata_by_peer.get(peer) == peer_metadata:
+                return peer  # nothing new: connecting again is free
+        if peer != self.agent_name:  # NIXL refuses to load its own metadata: loopback needs none
+            try:
+                # loading newer metadata of a known agent replaces what NIXL held for it
+                loaded = self._agent.add_remote_agent(peer_metadata[body:])
+            except Exception as e:
+                raise TransferError(
+                    f"nixl: cannot load metadata of peer {peer}: {type(e).__name__}: {e}"
+                ) from e
+            loaded = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+            if loaded != peer:
+                raise TransferError(f"nixl: metadata of peer {peer} describes agent {loaded}")
+        with self._lock:
+            self._metadata_by_peer[peer] = peer_metadata
+            self._peer_mem[peer] = (mem_type.decode(), device_id)
+        return peer
+
+    def write(self, peer: str, src: list[tuple[int, int]], dst_addrs: list[int]) -> None:
+        src_addrs, lengths, dsts = batch_arrays(src, dst_addrs)
+        if len(lengths) == 0:
+            return
+        with self._lock:
+            peer_mem = self._peer_mem.get(peer)
+            is_closed = self._is_closed
+        if is_closed:
+            raise TransferError(f"nixl: write to {peer} after close")
+        if peer_mem is None:
+            raise TransferError(f"nixl: unknown peer {peer!r} (connect with its metadata first)")
+        bad = self._regions.first_outside(src_addrs, lengths)
+        if bad is not None:
+            raise TransferError(
+                f"nixl: write to {peer}: source [{int(src_addrs[bad]):#x}, "
+                f"+{int(lengths[bad])}) of descriptor {bad} is outside memory registered here"
+            )
+        peer_mem_type, peer_device = peer_mem
+        local = np.stack([src_addrs, lengths, np.full_like(lengths, self._device_id)], axis=1)
+        remote = np.stack([dsts, lengths, np.full_like(lengths, peer_device)], axis=1)
+        try:
+            handle = self._agent.initialize_xfer(
+                "WRITE",
+                self._agent.get_xfer_descs(local, self._mem_type),  # [num_descs, 3]
+                self._agent.get_xfer_descs(remote, peer_mem_type),  # [num_descs, 3]
+                peer,
+            )
+        except Exception as e:
+            raise TransferError(
+                f"nixl: cannot create a write of {len(lengths)} descriptors to {peer}: "
+                f"{type(e).__name__}: {e} (every destination must be inside memory the peer "
+                "had registered when it made the metadata this side last connected with)"
+            ) from e
+        try:
+            self._wait(peer, handle, len(lengths))
+        finally:
+            try:
+                self._agent.release_xfer_handle(handle)
+            except Exception:  # NIXL keeps a handle it cannot cancel and frees it at the end
+                logger.warning("nixl: could not release a transfer to %s", peer, exc_info=True)
+
+    def _wait(self, peer: str, handle: object, num_descs: int) -> None:
+        what = f"nixl: write of {num_descs} descriptors to {peer}"
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            state = self._agent.transfer(handle)
+            sleep_s = 0.0
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise TransferError(f"{what} not done after {self._timeout_s:.1f}s")
+                if sleep_s:
+                    time.sleep(sleep_s)
+                sleep_s = min(max(2 * sleep_s, 20e-6), _MAX_POLL_SLEEP_S)
+                state = self._agent.check_xfer_state(handle)
+        except TransferError:
+            raise
+        except Exception as e:  # e.g. nixlRemoteDisconnectError when the peer died
+            raise TransferError(f"{what} failed: {type(e).__name__}: {e}") from e
+        if state != "DONE":
+            raise TransferError(
+                f"{what} failed ({state}); the peer may have exited or the connection dropped"
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._is_closed:
+                return
+            self._is_closed = True
+            peers, registrations = list(self._peer_mem), self._registrations
+            self._registrations = []
+        for peer in peers:
+            if peer == self.agent_name:
+                continue
+            try:
+                self._agent.remove_remote_agent(peer)
+            except Exception:
+                logger.warning("nixl: could not forget peer %s", peer, exc_info=True)
+        for descs in registrations:
+            try:
+                self._agent.deregister_memory(descs)
+            except Exception:
+                logger.warning("nixl: could not deregister memory", exc_info=True)
+
+
+def _throttle_progress_thread(agent: object, sync_mode: int) -> None:
+    """Rebuild the still backend-less C++ agent with PROGRESS_DELAY_US: the Python API exposes
+    no setting for it (nixl 1.5.1). A passive target needs the thread (a peer's writes over TCP
+    are progressed by it), so it stays on, only less eager."""
+    try:
+        from nixl import _bindings  # type: ignore[import-untyped]
+
+        config = _bindings.nixlAgentConfig()
+        config.useProgThread = True
+        config.useListenThread = False
+        config.syncMode = sync_mode
+        config.pthrDelay = PROGRESS_DELAY_US
+        config.captureTelemetry = False
+        agent.agent = _bindings.nixlAgent(agent.name, config)  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, TypeError):
+        logger.warning("nixl: cannot set the progress thread's delay; it will spin a core")

@@ -1,0 +1,274 @@
+"""kvd's rooms: the receive side waits for a room's KV, the send side pushes it.
+
+Contract (all on kvd's asyncio loop; blocking writes run on the transfer threads):
+- `expect_kv` (decode node): pins the destination pages to the room, sends the prefill node's
+  kvd a Bootstrap naming them, and waits — at most the waiting timeout, and only while the peer
+  answers heartbeats — for that peer's TransferDone.
+- `send_kv` (prefill node): pins the source pages, waits at most the bootstrap timeout for the
+  room's Bootstrap, checks the layouts agree and the page counts match, writes the KV as one
+  descriptor per run of pages adjacent on both sides, then sends TransferDone with the aux data.
+- `on_bootstrap` / `on_transfer_done`: the peer side of the two flows. A peer may only fill a
+  room it was told about by the kvd it handshook with, and only the pages bound to that room.
+Whatever happens (success, error, timeout, cancellation), each flow unpins its pages on the
+way out, so every pool's accounting returns to its baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from services.common.proto.tandem.v1 import kvd_pb2
+from services.kvd.backends.base import TransferBackend, TransferError
+from services.kvd.config import TransferSettings
+from services.kvd.peers import Peer, PeerDirectory
+from services.kvd.pools import Pool, PoolLayout, PoolRegistry, check_page_ids, coalesce
+from services.kvd.transfer import TransferJob, TransferQueues
+
+logger = logging.getLogger(__name__)
+
+
+class RoomError(Exception):
+    """A room's flow failed; `code` is the gRPC status name to answer with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class _RecvRoom:
+    pool: Pool
+    page_ids: list[int]
+    peer: Peer
+    done: asyncio.Future[tuple[kvd_pb2.RoomAux, int]]
+
+
+@dataclass(slots=True)
+class _KnownPeer:
+    address: str
+    handle: str  # backend peer handle
+
+
+@dataclass(slots=True)
+class Counters:
+    rooms_completed: int = 0
+    rooms_failed: int = 0
+    bytes_sent: int = 0
+    open_sends: int = 0
+
+
+class KvdCore:
+    def __init__(self, kvd_id: str, peer_address: str, backend: TransferBackend,
+                 local_backend: TransferBackend, settings: TransferSettings) -> None:
+        self.kvd_id = kvd_id
+        self.peer_address = peer_address
+        self.backend = backend
+        self.local_backend = local_backend
+        self.settings = settings
+        self.pools = PoolRegistry(kvd_id, [backend, local_backend])
+        self.peers = PeerDirectory(kvd_id, peer_address, backend.name, backend.metadata)
+        self.queues = TransferQueues(settings.thread_pool_size, settings.queue_size)
+        self.counters = Counters()
+        self._recv: dict[str, _RecvRoom] = {}
+        self._bootstraps: dict[str, asyncio.Future[kvd_pb2.BootstrapRequest]] = {}
+        self._known: dict[str, _KnownPeer] = {}  # kvd id -> how to write to it
+
+    @property
+    def num_open_rooms(self) -> int:
+        return len(self._recv) + self.counters.open_sends
+
+    # --- decode side ----------------------------------------------------------------------
+
+    async def expect_kv(self, req: kvd_pb2.ExpectKvRequest) -> kvd_pb2.ExpectKvResponse:
+        pool = self._pool(req.pool_id)
+        page_ids = list(req.page_ids)
+        if req.room in self._recv:
+            raise RoomError("ALREADY_EXISTS", f"room {req.room!r} is already expected here")
+        self.pools.pin(pool, req.room, page_ids, write=True)
+        try:
+            try:
+                peer = await self.peers.get(req.peer_address)
+            except RuntimeError as e:
+                raise RoomError("UNAVAILABLE", str(e)) from None
+            room = _RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future())
+            self._recv[req.room] = room
+            await peer.stub.Bootstrap(kvd_pb2.BootstrapRequest(
+                room=req.room, kvd_id=self.kvd_id, pool_id=pool.pool_id,
+                layout=pool.layout.to_proto(), pool_base_addr=pool.base_addr, page_ids=page_ids,
+            ), timeout=10.0)
+            timeout = req.timeout_seconds or self.settings.waiting_timeout
+            try:
+                aux, num_bytes = await asyncio.wait_for(asyncio.shield(room.done), timeout)
+            except TimeoutError:
+                raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: no KV from the "
+                                f"prefill side within {timeout:g}s") from None
+            self.counters.rooms_completed += 1
+            return kvd_pb2.ExpectKvResponse(aux=aux, kv_bytes=num_bytes)
+        except BaseException:
+            self.counters.rooms_failed += 1
+            raise
+        finally:
+            self._recv.pop(req.room, None)
+            self.pools.unpin(pool, req.room)
+
+    def on_transfer_done(self, req: kvd_pb2.TransferDoneRequest) -> None:
+        room = self._recv.get(req.room)
+        if room is None:
+            raise RoomError("NOT_FOUND", f"room {req.room!r} is not expected here")
+        if room.peer.kvd_id != req.kvd_id:
+            raise RoomError("PERMISSION_DENIED",
+                            f"room {req.room!r} expects KV from kvd {room.peer.kvd_id}")
+        if room.done.done():
+            return
+        if req.error:
+            room.done.set_exception(RoomError("UNAVAILABLE", f"prefill side: {req.error}"))
+        else:
+            room.done.set_result((req.aux, req.kv_bytes))
+
+    async def heartbeat_loop(self) -> None:
+        """Fail the rooms waiting on a prefill kvd that stopped answering."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.heartbeat_interval)
+            for peer in {room.peer for room in self._recv.values()}:
+                alive = await self.peers.heartbeat(peer, s.heartbeat_max_failure,
+                                                   timeout=max(s.heartbeat_interval, 0.5))
+                if alive:
+                    continue
+                for name, room in list(self._recv.items()):
+                    if room.peer is peer and not room.done.done():
+                        room.done.set_exception(RoomError(
+                            "UNAVAILABLE", f"room {name!r}: prefill kvd at {peer.address} missed "
+                            f"{s.heartbeat_max_failure} heartbeats"))
+
+    # --- prefill side ---------------------------------------------------------------------
+
+    def on_handshake(self, req: kvd_pb2.HandshakeRequest) -> None:
+        if req.backend != self.backend.name:
+            raise RoomError("FAILED_PRECONDITION", f"transfer backend differs: "
+                            f"{self.backend.name!r} here, {req.backend!r} at {req.peer_address}")
+        if req.kvd_id == self.kvd_id:  # same node: copy between two pools of this kvd
+            handle = self.local_backend.connect(self.local_backend.metadata())
+        else:
+            handle = self.backend.connect(req.backend_metadata)
+        self._known[req.kvd_id] = _KnownPeer(req.peer_address, handle)
+
+    def on_bootstrap(self, req: kvd_pb2.BootstrapRequest) -> None:
+        if req.kvd_id not in self._known:
+            raise RoomError("FAILED_PRECONDITION", f"kvd {req.kvd_id!r} has not handshaken")
+        try:
+            layout = PoolLayout.from_proto(req.layout)
+            check_page_ids(list(req.page_ids), layout.num_pages)
+        except ValueError as e:
+            raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: {e}") from None
+        future = self._bootstraps.get(req.room)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._bootstraps[req.room] = future
+            asyncio.get_running_loop().call_later(self.settings.bootstrap_timeout,
+                                                  self._expire_bootstrap, req.room, future)
+        if future.done():
+            raise RoomError("ALREADY_EXISTS", f"room {req.room!r} was already bootstrapped")
+        future.set_result(req)
+
+    def _expire_bootstrap(self, room: str, future: asyncio.Future) -> None:
+        if self._bootstraps.get(room) is future:
+            del self._bootstraps[room]
+
+    async def send_kv(self, req: kvd_pb2.SendKvRequest) -> kvd_pb2.SendKvResponse:
+        pool = self._pool(req.pool_id)
+        page_ids = list(req.page_ids)
+        self.pools.pin(pool, req.room, page_ids, write=False)
+        self.counters.open_sends += 1
+        future = self._bootstraps.setdefault(req.room,
+                                             asyncio.get_running_loop().create_future())
+        try:
+            timeout = req.timeout_seconds or self.settings.bootstrap_timeout
+            try:
+                boot = await asyncio.wait_for(asyncio.shield(future), timeout)
+            except TimeoutError:
+                raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: the decode side did not "
+                                f"bootstrap within {timeout:g}s") from None
+            response = await self._push(req, pool, page_ids, boot)
+            self.counters.rooms_completed += 1
+            return response
+        except BaseException:
+            self.counters.rooms_failed += 1
+            raise
+        finally:
+            self.counters.open_sends -= 1
+            if self._bootstraps.get(req.room) is future:
+                del self._bootstraps[req.room]
+            self.pools.unpin(pool, req.room)
+
+    async def _push(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
+                    boot: kvd_pb2.BootstrapRequest) -> kvd_pb2.SendKvResponse:
+        why = pool.layout.mismatch(PoolLayout.from_proto(boot.layout))
+        if why:
+            raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: KV layouts differ: {why}")
+        if len(boot.page_ids) != len(page_ids):
+            raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: {len(page_ids)} source "
+                            f"pages but {len(boot.page_ids)} destination pages")
+        known = self._known[boot.kvd_id]
+        is_local = boot.kvd_id == self.kvd_id
+        backend = self.local_backend if is_local else self.backend
+        page_bytes = pool.layout.page_bytes
+        runs = coalesce(page_ids, list(boot.page_ids))
+        job = TransferJob(
+            backend, known.handle,
+            [(pool.page_addr(s), n * page_bytes) for s, _, n in runs],
+            [boot.pool_base_addr + d * page_bytes for _, d, n in runs],
+        )
+        peer = await self.peers.get(known.address)
+        done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux,
+                                           kv_bytes=job.num_bytes)
+        future, shard = self.queues.submit(boot.kvd_id, job)
+        try:
+            seconds = await asyncio.wrap_future(future)
+        except TransferError as e:
+            done.error = str(e)
+            await _notify(peer, done)
+            raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}") from None
+        await _notify(peer, done, raise_errors=True)
+        self.counters.bytes_sent += job.num_bytes
+        return kvd_pb2.SendKvResponse(
+            kv_bytes=job.num_bytes, num_descriptors=len(runs), transfer_seconds=seconds,
+            backend=backend.name, queue_shard=shard,
+        )
+
+    # --- both ------------------------------------------------------------------------------
+
+    def release_room(self, room: str) -> bool:
+        existed = False
+        recv = self._recv.get(room)
+        if recv is not None and not recv.done.done():
+            recv.done.set_exception(RoomError("CANCELLED", f"room {room!r} was released"))
+            existed = True
+        boot = self._bootstraps.get(room)
+        if boot is not None:
+            if not boot.done():
+                boot.cancel()
+            existed = True
+        return existed
+
+    def _pool(self, pool_id: str) -> Pool:
+        try:
+            return self.pools.get(pool_id)
+        except KeyError as e:
+            raise RoomError("NOT_FOUND", str(e.args[0])) from None
+
+
+async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
+                  raise_errors: bool = False) -> None:
+    import grpc
+
+    try:
+        await peer.stub.TransferDone(done, timeout=10.0)
+    except grpc.aio.AioRpcError as e:
+        logger.warning("TransferDone for room %s to %s failed: %s", done.room, peer.address,
+                       e.details())
+        if raise_errors:
+            raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not take "
+                            f"the KV: {e.code().name}: {e.details()}") from None

@@ -1,0 +1,88 @@
+"""Connections to other kvds: handshake, bootstrap and completion messages, heartbeats.
+
+Contract: `PeerDirectory.get(address)` returns the `Peer` for a kvd's peer address, doing the
+handshake on first use (both sides learn each other's id and backend metadata; the callee
+connects its backend to the caller, so it can write into the caller's pools). A `Peer` whose
+heartbeats fail `max_failure` times in a row is marked dead; `on_dead` callbacks fail the rooms
+waiting on it. All methods run on kvd's asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+RPC_TIMEOUT = 10.0
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer kvd cannot be reached or refused the handshake."""
+
+
+class Peer:
+    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
+        self.address = address
+        self.channel = channel
+        self.stub = kvd_pb2_grpc.KvdPeerServiceStub(channel)
+        self.kvd_id: str | None = None
+        self.failures = 0
+        self.is_dead = False
+
+
+class PeerDirectory:
+    def __init__(self, self_id: str, self_address: str, backend_name: str,
+                 metadata: Callable[[], bytes]) -> None:
+        self._self_id = self_id
+        self._self_address = self_address
+        self._backend_name = backend_name
+        self._metadata = metadata
+        self._peers: dict[str, Peer] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, address: str) -> Peer:
+        lock = self._locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            peer = self._peers.get(address)
+            if peer is not None and not peer.is_dead:
+                return peer
+            peer = Peer(address, grpc.aio.insecure_channel(address))
+            try:
+                reply = await peer.stub.Handshake(kvd_pb2.HandshakeRequest(
+                    kvd_id=self._self_id, backend=self._backend_name,
+                    backend_metadata=self._metadata(), peer_address=self._self_address,
+                ), timeout=RPC_TIMEOUT)
+            except grpc.aio.AioRpcError as e:
+                await peer.channel.close()
+                raise PeerUnavailable(
+                    f"kvd at {address}: handshake failed: {e.code().name}: {e.details()}"
+                ) from None
+            peer.kvd_id = reply.kvd_id
+            self._peers[address] = peer
+            return peer
+
+    async def heartbeat(self, peer: Peer, max_failure: int, timeout: float) -> bool:
+        """One heartbeat; returns False once the peer is declared dead."""
+        try:
+            reply = await peer.stub.Heartbeat(kvd_pb2.HeartbeatRequest(kvd_id=self._self_id),
+                                              timeout=timeout)
+            if peer.kvd_id is not None and reply.kvd_id != peer.kvd_id:
+                raise PeerUnavailable(f"kvd at {peer.address} restarted")
+            peer.failures = 0
+        except (grpc.aio.AioRpcError, PeerUnavailable) as e:
+            peer.failures += 1
+            logger.warning("heartbeat to kvd at %s failed (%d/%d): %s", peer.address,
+                           peer.failures, max_failure, e)
+            if peer.failures >= max_failure:
+                peer.is_dead = True
+        return not peer.is_dead
+
+    async def close(self) -> None:
+        for peer in self._peers.values():
+            await peer.channel.close()

@@ -1,0 +1,180 @@
+"""kvd's two gRPC servers: KvdService for local workers (unix socket), KvdPeerService for
+other kvds (TCP). Each also serves grpc.health.v1.
+
+Servicers only convert between protobuf and `KvdCore` and map errors to status codes:
+RoomError carries its code; bad page ids or layouts are INVALID_ARGUMENT; an unknown pool is
+NOT_FOUND; anything unexpected is logged with its traceback and answered INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.kvd.backends.base import create_backend
+from services.kvd.config import KvdConfig
+from services.kvd.core import KvdCore, RoomError
+from services.kvd.pools import PoolLayout
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Answer known failures with their status, the unexpected with INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except RoomError as e:
+            await context.abort(grpc.StatusCode[e.code], str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except KeyError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            logger.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"kvd: {method.__name__} failed")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
+    def __init__(self, core: KvdCore) -> None:
+        self.core = core
+
+    @_mapped
+    async def AttachPool(self, request: kvd_pb2.AttachPoolRequest,
+                         context: grpc.aio.ServicerContext) -> kvd_pb2.AttachPoolResponse:
+        pool, reattached = self.core.pools.attach(request.worker_id,
+                                                  PoolLayout.from_proto(request.layout))
+        return kvd_pb2.AttachPoolResponse(pool_id=pool.pool_id, segment_name=pool.segment_name,
+                                          total_bytes=pool.layout.total_bytes,
+                                          reattached=reattached)
+
+    @_mapped
+    async def ExpectKv(self, request: kvd_pb2.ExpectKvRequest,
+                       context: grpc.aio.ServicerContext) -> kvd_pb2.ExpectKvResponse:
+        return await self.core.expect_kv(request)
+
+    @_mapped
+    async def SendKv(self, request: kvd_pb2.SendKvRequest,
+                     context: grpc.aio.ServicerContext) -> kvd_pb2.SendKvResponse:
+        return await self.core.send_kv(request)
+
+    @_mapped
+    async def ReleaseRoom(self, request: kvd_pb2.ReleaseRoomRequest,
+                          context: grpc.aio.ServicerContext) -> kvd_pb2.ReleaseRoomResponse:
+        return kvd_pb2.ReleaseRoomResponse(existed=self.core.release_room(request.room))
+
+    @_mapped
+    async def Stats(self, request: kvd_pb2.StatsRequest,
+                    context: grpc.aio.ServicerContext) -> kvd_pb2.StatsResponse:
+        core = self.core
+        return kvd_pb2.StatsResponse(
+            pools=[kvd_pb2.PoolStats(pool_id=p.pool_id, worker_id=p.worker_id,
+                                     num_pages=p.layout.num_pages, pinned_pages=p.num_pinned)
+                   for p in core.pools.pools()],
+            open_rooms=core.num_open_rooms, rooms_completed=core.counters.rooms_completed,
+            rooms_failed=core.counters.rooms_failed, bytes_sent=core.counters.bytes_sent,
+            backend=core.backend.name, peer_address=core.peer_address,
+        )
+
+
+class KvdPeerServicer(kvd_pb2_grpc.KvdPeerServiceServicer):
+    def __init__(self, core: KvdCore) -> None:
+        self.core = core
+
+    @_mapped
+    async def Handshake(self, request: kvd_pb2.HandshakeRequest,
+                        context: grpc.aio.ServicerContext) -> kvd_pb2.HandshakeResponse:
+        self.core.on_handshake(request)
+        return kvd_pb2.HandshakeResponse(kvd_id=self.core.kvd_id,
+                                         backend_metadata=self.core.backend.metadata())
+
+    @_mapped
+    async def Bootstrap(self, request: kvd_pb2.BootstrapRequest,
+                        context: grpc.aio.ServicerContext) -> kvd_pb2.BootstrapResponse:
+        self.core.on_bootstrap(request)
+        return kvd_pb2.BootstrapResponse()
+
+    @_mapped
+    async def TransferDone(self, request: kvd_pb2.TransferDoneRequest,
+                           context: grpc.aio.ServicerContext) -> kvd_pb2.TransferDoneResponse:
+        self.core.on_transfer_done(request)
+        return kvd_pb2.TransferDoneResponse()
+
+    @_mapped
+    async def Heartbeat(self, request: kvd_pb2.HeartbeatRequest,
+                        context: grpc.aio.ServicerContext) -> kvd_pb2.HeartbeatResponse:
+        return kvd_pb2.HeartbeatResponse(kvd_id=self.core.kvd_id)
+
+
+class KvdServer:
+    """Both servers and the heartbeat task around one `KvdCore`."""
+
+    def __init__(self, config: KvdConfig) -> None:
+        self.config = config
+        kvd_id = f"tandem-kvd-{uuid.uuid4().hex[:8]}"
+        backend = create_backend(config.backend, hostname=config.host,
+                                 ib_device=config.ib_device)
+        self.core = KvdCore(kvd_id, config.peer_address, backend, create_backend("local"),
+                            config.settings)
+        self._health = health.HealthServicer()
+        self._heartbeats: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bind and serve (servers must be made on the running loop)."""
+        await _claim_socket(self.config.socket)
+        self._local = grpc.aio.server()
+        self._peer = grpc.aio.server()
+        kvd_pb2_grpc.add_KvdServiceServicer_to_server(KvdServicer(self.core), self._local)
+        kvd_pb2_grpc.add_KvdPeerServiceServicer_to_server(KvdPeerServicer(self.core), self._peer)
+        for server in (self._local, self._peer):
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._local.add_insecure_port(f"unix:{self.config.socket}")
+        if self._peer.add_insecure_port(self.config.peer_address) == 0:
+            raise OSError(f"kvd: cannot listen on {self.config.peer_address}")
+        await self._local.start()
+        await self._peer.start()
+        self._heartbeats = asyncio.create_task(self.core.heartbeat_loop())
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        logger.info("kvd %s: backend %s, peers at %s, workers at unix:%s", self.core.kvd_id,
+                    self.core.backend.name, self.config.peer_address, self.config.socket)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self._health.enter_graceful_shutdown()
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+        await asyncio.gather(self._local.stop(grace), self._peer.stop(grace))
+        await self.core.peers.close()
+        self.core.queues.shutdown()
+        self.core.pools.close()
+
+
+async def _claim_socket(path: str) -> None:
+    """Remove a stale socket file left by a dead kvd; refuse if a live kvd answers on it."""
+    if not os.path.exists(path):
+        return
+    async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                            timeout=1.0)
+        except grpc.aio.AioRpcError:
+            os.unlink(path)
+            return
+    raise OSError(f"a kvd already serves unix:{path}")

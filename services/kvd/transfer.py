@@ -1,0 +1,55 @@
+"""Sharded transfer queues: the threads that call the backend's blocking `write`.
+
+Contract: `submit(shard_key, job)` puts the job on queue `hash(shard_key) % queue_size` (the
+key is the destination kvd, so transfers to different decode nodes share the threads and the
+bandwidth, and those to one node keep their order) and returns a concurrent future resolving to
+the seconds the write took, or raising `TransferError`. With `SGLANG_DISAGGREGATION_QUEUE_SIZE=1`
+every job goes through one queue, first come first served. The threads of
+`SGLANG_DISAGGREGATION_THREAD_POOL_SIZE` are split evenly across the queues (at least one each).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from services.kvd.backends.base import TransferBackend
+
+
+@dataclass(frozen=True, slots=True)
+class TransferJob:
+    backend: TransferBackend  # the network backend, or the same-node copy
+    peer: str  # backend peer handle
+    src: list[tuple[int, int]]  # (local address, length) per descriptor
+    dst_addrs: list[int]  # peer address per descriptor
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(length for _, length in self.src)
+
+
+class TransferQueues:
+    def __init__(self, thread_pool_size: int, queue_size: int) -> None:
+        threads = max(1, thread_pool_size // queue_size)
+        self._shards = [
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"kv-transfer-{i}")
+            for i in range(queue_size)
+        ]
+
+    def shard_of(self, shard_key: str) -> int:
+        return zlib.crc32(shard_key.encode()) % len(self._shards)
+
+    def submit(self, shard_key: str, job: TransferJob) -> tuple[Future[float], int]:
+        shard = self.shard_of(shard_key)
+        return self._shards[shard].submit(self._run, job), shard
+
+    def _run(self, job: TransferJob) -> float:
+        start = time.perf_counter()
+        job.backend.write(job.peer, job.src, job.dst_addrs)
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        for shard in self._shards:
+            shard.shutdown(wait=False, cancel_futures=True)

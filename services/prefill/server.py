@@ -1,0 +1,161 @@
+"""The prefill worker's gRPC server: PrefillService over an `EngineLoop`, plus health.
+
+Contract of `Prefill(request)` (request.disaggregation names the room and the decode node's
+kvd): run the prompt through the engine for one token, keeping its KV pages; ask the node's
+kvd to send those pages to the room (kvd waits for the decode side's bootstrap, at most
+SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT) with the first token as aux data; answer once the KV
+has landed. The pages are released on every path — sent, failed, timed out or cancelled.
+Bad input is INVALID_ARGUMENT; a failed transfer answers the status kvd gave (RoomFailed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+
+from services.common.convert import (
+    logprob_to_proto,
+    prompt_ids_from_proto,
+    sampling_params_from_proto,
+)
+from services.common.grpc_errors import ExceptionInterceptor
+from services.common.grpc_server import bind, serve_until_signal
+from services.common.kvd_client import RoomFailed
+from services.common.proto.tandem.v1 import kvd_pb2, worker_pb2, worker_pb2_grpc
+from services.common.serve_config import ServeConfig
+from services.engine.engine_loop import EngineLoop, EngineStepError, EngineStopped
+from services.engine.loader import LoadedModel, load_model
+from services.engine.output import RequestOutput
+from services.engine.runtime import PDAttachment, build_pd_engine, resolve_device
+from services.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 30.0
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, engine: EngineLoop, loaded: LoadedModel, config: ServeConfig,
+                 pd: PDAttachment) -> None:
+        self.engine = engine
+        self.tokenizer = loaded.tokenizer
+        self.model_name = config.served_model_name or loaded.name
+        self.config = config
+        self.pd = pd
+        self.live_request_ids: set[str] = set()
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest,
+                      context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+        req = request.request
+        request_id = req.request_id or uuid.uuid4().hex
+        if request_id in self.live_request_ids:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request id {request_id!r} is already prefilling")
+        self.live_request_ids.add(request_id)
+        try:
+            return await self._prefill(request_id, req, context)
+        finally:
+            self.live_request_ids.discard(request_id)
+
+    async def _prefill(self, request_id: str, req: worker_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+        d = req.disaggregation
+        try:
+            if not d.room or not d.peer_kvd_address:
+                raise ValueError("a prefill request needs `disaggregation`: the room and the "
+                                 "decode node's kvd address (peer_kvd_address)")
+            prompt_ids = prompt_ids_from_proto(self.tokenizer, req)
+            params = sampling_params_from_proto(req.sampling)
+            first = await self._first_token(request_id, prompt_ids, params)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineStopped as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except EngineStepError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        try:
+            sent = await self._send(d.room, d.peer_kvd_address, first)
+        except RoomFailed as e:
+            await context.abort(e.code, str(e))
+        finally:
+            await asyncio.shield(self.engine.release_kv(request_id))
+        lp = first.new_logprobs[0] if first.new_logprobs else None
+        return worker_pb2.PrefillResponse(
+            first_token_id=first.new_token_ids[0],
+            first_logprob=logprob_to_proto(lp) if lp is not None else None,
+            prompt_tokens=first.num_prompt_tokens, cached_tokens=first.num_cached_tokens,
+            kv_bytes=sent.kv_bytes, transfer_seconds=sent.transfer_seconds,
+            transfer_backend=sent.backend, num_descriptors=sent.num_descriptors,
+        )
+
+    async def _first_token(self, request_id: str, prompt_ids: list[int],
+                           params: SamplingParams) -> RequestOutput:
+        """Prefill for one token; the finishing output carries the KV's page ids."""
+        one = dataclasses.replace(params, max_tokens=1)
+        stream = self.engine.generate(request_id, prompt_ids, one, keep_kv=True)
+        async with contextlib.aclosing(stream):
+            async for output in stream:
+                if output.finished:
+                    assert output.kv_page_ids is not None
+                    return output
+        raise EngineStopped(f"request {request_id!r} ended without a token")
+
+    async def _send(self, room: str, peer_address: str,
+                    first: RequestOutput) -> kvd_pb2.SendKvResponse:
+        lp = first.new_logprobs[0] if first.new_logprobs else None
+        aux = kvd_pb2.RoomAux(first_token_id=first.new_token_ids[0],
+                              cached_tokens=first.num_cached_tokens)
+        if lp is not None:
+            aux.first_logprob = lp.logprob
+            aux.top_token_ids.extend(lp.top_token_ids)
+            aux.top_logprobs.extend(lp.top_logprobs)
+        try:
+            return await self.pd.kvd.stub.SendKv(kvd_pb2.SendKvRequest(
+                pool_id=self.pd.pool_id, room=room, page_ids=first.kv_page_ids or [],
+                peer_address=peer_address, aux=aux))
+        except grpc.aio.AioRpcError as e:
+            raise RoomFailed.from_rpc(room, e) from None
+
+    async def GetLoad(self, request: worker_pb2.LoadRequest,
+                      context: grpc.aio.ServicerContext) -> worker_pb2.LoadResponse:
+        load = await self.engine.load()
+        return worker_pb2.LoadResponse(num_running=load.num_running, num_waiting=load.num_waiting,
+                                       num_free_pages=load.num_free_pages,
+                                       num_pages=load.num_pages)
+
+    async def GetModelInfo(self, request: worker_pb2.ModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> worker_pb2.ModelInfoResponse:
+        engine = self.engine.engine
+        return worker_pb2.ModelInfoResponse(
+            model_name=self.model_name, max_model_len=engine.max_model_len,
+            vocab_size=engine.model_config.vocab_size, disaggregation_mode="prefill",
+            kvd_peer_address=self.pd.peer_address)
+
+
+class PrefillWorker:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config)
+        self.loaded = load_model(config.model_path, device=self.device)
+
+    async def serve(self) -> int:
+        config = self.config
+        engine_, pd = await build_pd_engine(config, self.loaded, self.device)
+        engine = EngineLoop(engine_)
+        server = grpc.aio.server(interceptors=[ExceptionInterceptor()])
+        servicer = PrefillServicer(engine, self.loaded, config, pd)
+        health_servicer = health.aio.HealthServicer()
+        worker_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = bind(server, config.host, config.port)
+        engine.start()
+        banner = f"serving {servicer.model_name} (prefill) on {config.host}:{port}"
+        return await serve_until_signal(
+            server, health_servicer, banner, SHUTDOWN_GRACE_S,
+            lambda: len(servicer.live_request_ids), lambda: asyncio.to_thread(engine.stop))

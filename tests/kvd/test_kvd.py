@@ -1,0 +1,287 @@
+"""Two real kvd processes move KV pages between pools they own, over a real backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.common.shm import map_segment
+from tests.procs import start_kvd, stop
+
+LAYOUT = kvd_pb2.KvLayout(
+    num_pages=64,
+    num_layers=2,
+    page_size=4,
+    num_kv_heads=2,
+    head_dim=8,
+    dtype="float32",
+    model="tiny",
+)
+SHORT = {
+    "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "2",
+    "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "2",
+    "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "0.3",
+    "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2",
+}
+
+
+def _start_pair(tmp_path, backend):
+    return (
+        start_kvd(tmp_path, "a", backend, env=SHORT),
+        start_kvd(tmp_path, "b", backend, env=SHORT),
+    )
+
+
+@pytest.fixture(scope="module", params=["nixl"])
+def two_kvds(request, tmp_path_factory):
+    """Shared by the tests of this module: each uses its own worker ids and rooms."""
+    a, b = _start_pair(tmp_path_factory.mktemp("kvd"), request.param)
+    yield a, b
+    for proc, _, _ in (a, b):
+        was_killed = proc.poll() is not None
+        code = stop(proc)
+        assert was_killed or code == 0
+
+
+def _client(sock: str) -> kvd_pb2_grpc.KvdServiceStub:
+    return kvd_pb2_grpc.KvdServiceStub(grpc.aio.insecure_channel(f"unix:{sock}"))
+
+
+async def _attach(stub, worker: str, layout=LAYOUT):
+    reply = await stub.AttachPool(kvd_pb2.AttachPoolRequest(worker_id=worker, layout=layout))
+    view = np.frombuffer(map_segment(reply.segment_name, reply.total_bytes), dtype=np.uint8)
+    return reply, view
+
+
+async def _pinned(stub) -> int:
+    stats = await stub.Stats(kvd_pb2.StatsRequest())
+    return sum(p.pinned_pages for p in stats.pools) + stats.open_rooms
+
+
+def test_pages_cross_between_kvds_byte_exact(two_kvds):
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
+
+    async def run():
+        a, b = _client(sock_a), _client(sock_b)
+        (pa, va), (pb, vb) = await _attach(a, "cross-p"), await _attach(b, "cross-d")
+        page = pa.total_bytes // LAYOUT.num_pages
+        va[:] = np.random.default_rng(0).integers(0, 255, va.size, dtype=np.uint8)
+        src, dst = [3, 4, 5, 9, 10], [20, 21, 7, 30, 31]
+        expect = asyncio.ensure_future(
+            b.ExpectKv(
+                kvd_pb2.ExpectKvRequest(
+                    pool_id=pb.pool_id, room="r1", page_ids=dst, peer_address=addr_a
+                )
+            )
+        )
+        sent = await a.SendKv(
+            kvd_pb2.SendKvRequest(
+                pool_id=pa.pool_id,
+                room="r1",
+                page_ids=src,
+                peer_address=addr_b,
+                aux=kvd_pb2.RoomAux(first_token_id=42, first_logprob=-0.5),
+            )
+        )
+        got = await expect
+        assert got.aux.first_token_id == 42 and got.kv_bytes == 5 * page
+        assert sent.num_descriptors == 3 and sent.backend == "nixl"
+        for s, d in zip(src, dst, strict=True):
+            assert (vb[d * page : (d + 1) * page] == va[s * page : (s + 1) * page]).all()
+        untouched = np.ones(LAYOUT.num_pages, bool)
+        untouched[dst] = False
+        assert not vb.reshape(LAYOUT.num_pages, page)[untouched].any()
+        assert await _pinned(a) == 0 and await _pinned(b) == 0
+
+    asyncio.run(run())
+
+
+def test_same_node_rooms_copy_locally(two_kvds):
+    (_, sock_a, addr_a), _ = two_kvds
+
+    async def run():
+        a = _client(sock_a)
+        (pp, vp), (pd, vd) = await _attach(a, "local-p"), await _attach(a, "local-d")
+        page = pp.total_bytes // LAYOUT.num_pages
+        vp[:] = 7
+        expect = asyncio.ensure_future(
+            a.ExpectKv(
+                kvd_pb2.ExpectKvRequest(
+                    pool_id=pd.pool_id, room="r", page_ids=[1, 2], peer_address=addr_a
+                )
+            )
+        )
+        sent = await a.SendKv(
+            kvd_pb2.SendKvRequest(
+                pool_id=pp.pool_id, room="r", page_ids=[8, 9], peer_address=addr_a
+            )
+        )
+        await expect
+        assert sent.backend == "local" and sent.num_descriptors == 1
+        assert (vd[page : 3 * page] == 7).all() and not vd[:page].any()
+
+    asyncio.run(run())
+
+
+def test_reattach_returns_the_same_pool_and_layout_mismatch_is_refused(two_kvds):
+    (_, sock_a, _), _ = two_kvds
+
+    async def run():
+        a = _client(sock_a)
+        first, _ = await _attach(a, "reattach")
+        again = await a.AttachPool(kvd_pb2.AttachPoolRequest(worker_id="reattach", layout=LAYOUT))
+        assert again.reattached and again.pool_id == first.pool_id
+        other = kvd_pb2.KvLayout()
+        other.CopyFrom(LAYOUT)
+        other.page_size = 8
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await a.AttachPool(kvd_pb2.AttachPoolRequest(worker_id="reattach", layout=other))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(run())
+
+
+def test_bad_requests_are_refused_precisely_and_pin_nothing(two_kvds):
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
+
+    async def run():
+        a, b = _client(sock_a), _client(sock_b)
+        (pa, _), (pb, _) = await _attach(a, "bad-p"), await _attach(b, "bad-d")
+        cases = [
+            (
+                b.ExpectKv(
+                    kvd_pb2.ExpectKvRequest(
+                        pool_id="nope", room="x", page_ids=[1], peer_address=addr_a
+                    )
+                ),
+                "NOT_FOUND",
+            ),
+            (
+                b.ExpectKv(
+                    kvd_pb2.ExpectKvRequest(
+                        pool_id=pb.pool_id, room="x", page_ids=[64], peer_address=addr_a
+                    )
+                ),
+                "INVALID_ARGUMENT",
+            ),
+            (
+                b.ExpectKv(
+                    kvd_pb2.ExpectKvRequest(
+                        pool_id=pb.pool_id, room="x", page_ids=[1, 1], peer_address=addr_a
+                    )
+                ),
+                "INVALID_ARGUMENT",
+            ),
+            (
+                b.ExpectKv(
+                    kvd_pb2.ExpectKvRequest(
+                        pool_id=pb.pool_id, room="x", page_ids=[], peer_address=addr_a
+                    )
+                ),
+                "INVALID_ARGUMENT",
+            ),
+            (
+                a.SendKv(
+                    kvd_pb2.SendKvRequest(
+                        pool_id=pa.pool_id, room="y", page_ids=[-1], peer_address=addr_b
+                    )
+                ),
+                "INVALID_ARGUMENT",
+            ),
+        ]
+        for call, code in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call
+            assert e.value.code().name == code, e.value.details()
+        assert await _pinned(a) == 0 and await _pinned(b) == 0
+
+    asyncio.run(run())
+
+
+def test_mismatched_layout_or_page_count_fails_both_sides(two_kvds):
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
+
+    async def run():
+        a, b = _client(sock_a), _client(sock_b)
+        other = kvd_pb2.KvLayout()
+        other.CopyFrom(LAYOUT)
+        other.head_dim = 16
+        (pa, _), (pb, _) = await _attach(a, "mismatch-p"), await _attach(b, "mismatch-d", other)
+        expect = asyncio.ensure_future(
+            b.ExpectKv(
+                kvd_pb2.ExpectKvRequest(
+                    pool_id=pb.pool_id, room="r", page_ids=[1], peer_address=addr_a
+                )
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await a.SendKv(
+                kvd_pb2.SendKvRequest(
+                    pool_id=pa.pool_id, room="r", page_ids=[1], peer_address=addr_b
+                )
+            )
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "head_dim" in e.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await expect  # the decode side times out: nothing was sent
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await _pinned(a) == 0 and await _pinned(b) == 0
+
+    asyncio.run(run())
+
+
+def test_send_without_bootstrap_times_out_and_unpins(two_kvds):
+    (_, sock_a, _), (_, _, addr_b) = two_kvds
+
+    async def run():
+        a = _client(sock_a)
+        pa, _ = await _attach(a, "lonely-p")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await a.SendKv(
+                kvd_pb2.SendKvRequest(
+                    pool_id=pa.pool_id, room="lonely", page_ids=[1, 2], peer_address=addr_b
+                )
+            )
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await _pinned(a) == 0
+
+    asyncio.run(run())
+
+
+def test_prefill_kvd_killed_fails_waiting_room_within_heartbeats(tmp_path):
+    (proc_a, _, addr_a), (proc_b, sock_b, _) = _start_pair(tmp_path, "nixl")
+
+    async def run():
+        b = _client(sock_b)
+        pb, _ = await _attach(b, "killed-d")
+        expect = asyncio.ensure_future(
+            b.ExpectKv(
+                kvd_pb2.ExpectKvRequest(
+                    pool_id=pb.pool_id,
+                    room="r",
+                    page_ids=[1, 2],
+                    peer_address=addr_a,
+                    timeout_seconds=30,
+                )
+            )
+        )
+        await asyncio.sleep(0.3)
+        proc_a.kill()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await expect
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "heartbeats" in e.value.details()
+        assert loop.time() - start < 3.0  # interval 0.3 x 2 failures, plus slack
+        assert await _pinned(b) == 0
+
+    try:
+        asyncio.run(run())
+    finally:
+        stop(proc_a)
+        assert stop(proc_b) == 0
