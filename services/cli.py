@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("services.engine.generate_cli", "run prompts through the engine, offline"),
     "serve": ("services.cli:serve", "run a worker: unified (null), prefill or decode"),
+    "kvd": ("services.kvd.__main__", "run the node's KV daemon (workers start one if needed)"),
 }
 
 # --disaggregation-mode -> the package whose __main__ serves it

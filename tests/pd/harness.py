@@ -23,6 +23,7 @@ class Node:
 
 @dataclass
 class Deployment:
+    backend: str = "nixl"
     prefill: list[object] = field(default_factory=list)  # (proc, port)
     decode: list[object] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)

@@ -24,7 +24,6 @@ from tests.pd.harness import (
 )
 from tests.tiny_models import VOCAB_SIZE, make_tiny_model
 
-BACKEND = "nixl"
 NUM_REQUESTS = 16
 
 
@@ -35,17 +34,18 @@ def model(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def two_nodes(model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pd")
-    d = Deployment()
+@pytest.fixture(scope="module", params=["nixl", "mooncake"])
+def two_nodes(request, model, tmp_path_factory):
+    backend = request.param
+    tmp = tmp_path_factory.mktemp(f"pd-{backend}")
+    d = Deployment(backend=backend)
     try:
-        d.nodes = [start_node(tmp, "node-p", BACKEND), start_node(tmp, "node-d", BACKEND)]
+        d.nodes = [start_node(tmp, "node-p", backend), start_node(tmp, "node-d", backend)]
         chunk = ["--chunked-prefill-size", "16"]
-        d.prefill.append(start_worker(tmp, "prefill", str(model), d.nodes[0], BACKEND, chunk))
-        d.decode.append(start_worker(tmp, "decode", str(model), d.nodes[1], BACKEND, chunk))
+        d.prefill.append(start_worker(tmp, "prefill", str(model), d.nodes[0], backend, chunk))
+        d.decode.append(start_worker(tmp, "decode", str(model), d.nodes[1], backend, chunk))
         # a decode worker on the prefill's node: the same-node path
-        d.decode.append(start_worker(tmp, "decode", str(model), d.nodes[0], BACKEND, chunk))
+        d.decode.append(start_worker(tmp, "decode", str(model), d.nodes[0], backend, chunk))
         yield d
     finally:
         d.stop_all()
@@ -74,9 +74,10 @@ def _proto(prompt: list[int], max_tokens: int) -> worker_pb2.GenerateRequest:
                                            ignore_eos=True))
 
 
-@pytest.mark.parametrize("decode_index, path", [(0, "nixl"), (1, "local")])
-def test_16_concurrent_pd_requests_equal_unified(model, two_nodes, decode_index, path):
+@pytest.mark.parametrize("decode_index", [0, 1], ids=["two-nodes", "same-node"])
+def test_16_concurrent_pd_requests_equal_unified(model, two_nodes, decode_index):
     d = two_nodes
+    path = d.backend if decode_index == 0 else "local"
     (_, prefill_port), (_, decode_port) = d.prefill[0], d.decode[decode_index]
     prefill_kvd = d.nodes[0].kvd_address
     decode_kvd = d.nodes[decode_index == 0 and 1 or 0].kvd_address
