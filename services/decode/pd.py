@@ -7,13 +7,15 @@ prefill node's kvd address):
 2. ExpectKv: kvd binds those pages to the room, bootstraps the prefill side and waits for the
    KV and the first token (kvd enforces the waiting timeout and the heartbeats);
 3. the engine continues from the first token and streams the rest.
-Any failure or cancellation aborts the engine request (its pages are freed) and kvd unpins
-the room's pages; the client gets the status of the failure (RoomFailed).
+On any failure or cancellation the client gets its status at once (RoomFailed); the
+request's pages are freed only after kvd's ReleaseRoom returns, i.e. once no late write from
+the prefill side can land in them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncGenerator
@@ -32,6 +34,8 @@ from services.engine.runtime import PDAttachment, build_pd_engine
 from services.engine.sampler import TokenLogprobs
 from services.engine.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 RESERVE_POLL_S = 0.02
 
 
@@ -44,6 +48,7 @@ class DecodeServicer(GenerateServicer):
                  pd: PDAttachment) -> None:
         super().__init__(engine, loaded, config)
         self.pd = pd
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
     def kvd_peer_address(self) -> str:
@@ -71,13 +76,30 @@ class DecodeServicer(GenerateServicer):
             await self.engine.kv_arrived(request_id, aux.first_token_id, logprobs,
                                          aux.cached_tokens)
         except grpc.aio.AioRpcError as e:
-            await self.engine.abort(request_id)
+            self._give_up(request_id, room)
             raise RoomFailed.from_rpc(room, e) from None
         except BaseException:
-            await asyncio.shield(self.engine.abort(request_id))
+            self._give_up(request_id, room)
             raise
         async for output in self.engine.remote_stream(request_id):
             yield output
+
+    def _give_up(self, request_id: str, room: str) -> None:
+        """Free the request's pages once kvd says no write into them can still land (a late
+        write into pages reused by another request would corrupt it). In the background: the
+        client gets its answer now."""
+        task = asyncio.get_running_loop().create_task(self._release_then_abort(request_id, room))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _release_then_abort(self, request_id: str, room: str) -> None:
+        try:
+            await self.pd.kvd.stub.ReleaseRoom(kvd_pb2.ReleaseRoomRequest(room=room),
+                                               timeout=waiting_timeout() + 10.0)
+        except grpc.aio.AioRpcError as e:  # kvd gone: nothing can write into the pool now
+            logger.warning("ReleaseRoom %s: %s; freeing its pages anyway", room, e.details())
+        finally:
+            await self.engine.abort(request_id)
 
     async def _reserve(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> list[int]:

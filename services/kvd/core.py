@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import grpc
 
 from services.common.proto.tandem.v1 import kvd_pb2
 from services.kvd.backends.base import TransferBackend, TransferError
@@ -42,7 +44,9 @@ class _RecvRoom:
     pool: Pool
     page_ids: list[int]
     peer: Peer
-    done: asyncio.Future[tuple[kvd_pb2.RoomAux, int]]
+    done: asyncio.Future[tuple[kvd_pb2.RoomAux, int]]  # TransferDone, or the peer's death
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # the worker gave up
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # no write can land any more
 
 
 @dataclass(slots=True)
@@ -87,6 +91,8 @@ class KvdCore:
         if req.room in self._recv:
             raise RoomError("ALREADY_EXISTS", f"room {req.room!r} is already expected here")
         self.pools.pin(pool, req.room, page_ids, write=True)
+        room: _RecvRoom | None = None
+        may_be_written = False  # once bootstrapped, the prefill side may write at any time
         try:
             try:
                 peer = await self.peers.get(req.peer_address)
@@ -94,24 +100,65 @@ class KvdCore:
                 raise RoomError("UNAVAILABLE", str(e)) from None
             room = _RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future())
             self._recv[req.room] = room
-            await peer.stub.Bootstrap(kvd_pb2.BootstrapRequest(
-                room=req.room, kvd_id=self.kvd_id, pool_id=pool.pool_id,
-                layout=pool.layout.to_proto(), pool_base_addr=pool.base_addr, page_ids=page_ids,
-            ), timeout=10.0)
-            timeout = req.timeout_seconds or self.settings.waiting_timeout
+            may_be_written = True
             try:
-                aux, num_bytes = await asyncio.wait_for(asyncio.shield(room.done), timeout)
-            except TimeoutError:
-                raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: no KV from the "
-                                f"prefill side within {timeout:g}s") from None
+                await peer.stub.Bootstrap(kvd_pb2.BootstrapRequest(
+                    room=req.room, kvd_id=self.kvd_id, pool_id=pool.pool_id,
+                    layout=pool.layout.to_proto(), pool_base_addr=pool.base_addr,
+                    page_ids=page_ids), timeout=10.0)
+            except grpc.aio.AioRpcError as e:
+                # refused outright: the prefill side will not write; a lost reply might
+                may_be_written = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                code = e.code().name if e.code() != grpc.StatusCode.UNKNOWN else "UNAVAILABLE"
+                raise RoomError(code, f"room {req.room!r}: prefill kvd at {req.peer_address} "
+                                f"refused the bootstrap: {e.details()}") from None
+            aux, num_bytes = await self._wait_for_kv(req, room)
             self.counters.rooms_completed += 1
             return kvd_pb2.ExpectKvResponse(aux=aux, kv_bytes=num_bytes)
         except BaseException:
             self.counters.rooms_failed += 1
             raise
         finally:
-            self._recv.pop(req.room, None)
-            self.pools.unpin(pool, req.room)
+            if room is not None and may_be_written and not room.done.done():
+                # A late write must not land in pages given to another request: keep them
+                # pinned until the prefill side reports, dies, or a waiting timeout passes.
+                asyncio.get_running_loop().create_task(self._drain(req.room, room))
+            else:
+                self._close_recv(req.room, pool, room)
+
+    async def _wait_for_kv(self, req: kvd_pb2.ExpectKvRequest,
+                           room: _RecvRoom) -> tuple[kvd_pb2.RoomAux, int]:
+        timeout = req.timeout_seconds or self.settings.waiting_timeout
+        released = asyncio.ensure_future(room.released.wait())
+        try:
+            done, _ = await asyncio.wait({room.done, released}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            released.cancel()
+        if room.done in done:
+            return room.done.result()
+        if room.released.is_set():
+            raise RoomError("CANCELLED", f"room {req.room!r} was released")
+        raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: no KV from the prefill side "
+                        f"within {timeout:g}s")
+
+    async def _drain(self, name: str, room: _RecvRoom) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(room.done), self.settings.waiting_timeout)
+        except BaseException:  # noqa: BLE001 - any outcome ends the drain
+            pass
+        finally:
+            self._close_recv(name, room.pool, room)
+
+    def _close_recv(self, name: str, pool: Pool, room: _RecvRoom | None) -> None:
+        if room is not None and self._recv.get(name) is room:
+            del self._recv[name]
+        if room is None or not room.drained.is_set():
+            self.pools.unpin(pool, name)
+        if room is not None:
+            room.drained.set()
+            if not room.done.done():
+                room.done.cancel()
 
     def on_transfer_done(self, req: kvd_pb2.TransferDoneRequest) -> None:
         room = self._recv.get(req.room)
@@ -205,15 +252,43 @@ class KvdCore:
 
     async def _push(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
                     boot: kvd_pb2.BootstrapRequest) -> kvd_pb2.SendKvResponse:
+        """Write the room's KV and report to the decode side — an error too, so that it
+        fails (and frees its pages) at once instead of waiting out its timeout."""
+        known = self._known[boot.kvd_id]
+        peer = await self.peers.get(known.address)
+        done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux)
+        try:
+            job, num_runs = self._job(req, pool, page_ids, boot, known)
+            done.kv_bytes = job.num_bytes
+            future, shard = self.queues.submit(boot.kvd_id, job)
+            try:
+                seconds = await asyncio.wrap_future(future)
+            except TransferError as e:
+                raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}") from None
+        except RoomError as e:
+            done.error = str(e)
+            await _notify(peer, done)
+            raise
+        except asyncio.CancelledError:
+            done.error = f"room {req.room!r}: the prefill side gave up"
+            asyncio.get_running_loop().create_task(_notify(peer, done))
+            raise
+        await _notify(peer, done, raise_errors=True)
+        self.counters.bytes_sent += job.num_bytes
+        return kvd_pb2.SendKvResponse(
+            kv_bytes=job.num_bytes, num_descriptors=num_runs, transfer_seconds=seconds,
+            backend=job.backend.name, queue_shard=shard,
+        )
+
+    def _job(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
+             boot: kvd_pb2.BootstrapRequest, known: _KnownPeer) -> tuple[TransferJob, int]:
         why = pool.layout.mismatch(PoolLayout.from_proto(boot.layout))
         if why:
             raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: KV layouts differ: {why}")
         if len(boot.page_ids) != len(page_ids):
             raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: {len(page_ids)} source "
                             f"pages but {len(boot.page_ids)} destination pages")
-        known = self._known[boot.kvd_id]
-        is_local = boot.kvd_id == self.kvd_id
-        backend = self.local_backend if is_local else self.backend
+        backend = self.local_backend if boot.kvd_id == self.kvd_id else self.backend
         page_bytes = pool.layout.page_bytes
         runs = coalesce(page_ids, list(boot.page_ids))
         job = TransferJob(
@@ -221,32 +296,20 @@ class KvdCore:
             [(pool.page_addr(s), n * page_bytes) for s, _, n in runs],
             [boot.pool_base_addr + d * page_bytes for _, d, n in runs],
         )
-        peer = await self.peers.get(known.address)
-        done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux,
-                                           kv_bytes=job.num_bytes)
-        future, shard = self.queues.submit(boot.kvd_id, job)
-        try:
-            seconds = await asyncio.wrap_future(future)
-        except TransferError as e:
-            done.error = str(e)
-            await _notify(peer, done)
-            raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}") from None
-        await _notify(peer, done, raise_errors=True)
-        self.counters.bytes_sent += job.num_bytes
-        return kvd_pb2.SendKvResponse(
-            kv_bytes=job.num_bytes, num_descriptors=len(runs), transfer_seconds=seconds,
-            backend=backend.name, queue_shard=shard,
-        )
+        return job, len(runs)
 
     # --- both ------------------------------------------------------------------------------
 
-    def release_room(self, room: str) -> bool:
+    async def release_room(self, name: str) -> bool:
+        """The worker gives up on a room. Returns once no write into its pages can still land
+        (at most a waiting timeout): only then may the worker reuse them."""
         existed = False
-        recv = self._recv.get(room)
-        if recv is not None and not recv.done.done():
-            recv.done.set_exception(RoomError("CANCELLED", f"room {room!r} was released"))
+        room = self._recv.get(name)
+        if room is not None:
+            room.released.set()
+            await asyncio.wait_for(room.drained.wait(), self.settings.waiting_timeout + 5.0)
             existed = True
-        boot = self._bootstraps.get(room)
+        boot = self._bootstraps.get(name)
         if boot is not None:
             if not boot.done():
                 boot.cancel()
@@ -262,8 +325,6 @@ class KvdCore:
 
 async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
                   raise_errors: bool = False) -> None:
-    import grpc
-
     try:
         await peer.stub.TransferDone(done, timeout=10.0)
     except grpc.aio.AioRpcError as e:

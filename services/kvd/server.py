@@ -79,7 +79,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
     @_mapped
     async def ReleaseRoom(self, request: kvd_pb2.ReleaseRoomRequest,
                           context: grpc.aio.ServicerContext) -> kvd_pb2.ReleaseRoomResponse:
-        return kvd_pb2.ReleaseRoomResponse(existed=self.core.release_room(request.room))
+        return kvd_pb2.ReleaseRoomResponse(existed=await self.core.release_room(request.room))
 
     @_mapped
     async def Stats(self, request: kvd_pb2.StatsRequest,

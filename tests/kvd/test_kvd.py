@@ -227,8 +227,9 @@ def test_mismatched_layout_or_page_count_fails_both_sides(two_kvds):
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "head_dim" in e.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await expect  # the decode side times out: nothing was sent
-        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await expect  # told at once by the prefill side, not left to time out
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "head_dim" in e.value.details()
         assert await _pinned(a) == 0 and await _pinned(b) == 0
 
     asyncio.run(run())
@@ -285,3 +286,26 @@ def test_prefill_kvd_killed_fails_waiting_room_within_heartbeats(tmp_path):
     finally:
         stop(proc_a)
         assert stop(proc_b) == 0
+
+
+def test_abandoned_room_keeps_pages_pinned_until_no_late_write_can_land(two_kvds):
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
+
+    async def run():
+        a, b = _client(sock_a), _client(sock_b)
+        (pa, _), (pb, _) = await _attach(a, "late-p"), await _attach(b, "late-d")
+        expect = asyncio.ensure_future(b.ExpectKv(kvd_pb2.ExpectKvRequest(
+            pool_id=pb.pool_id, room="late", page_ids=[4, 5], peer_address=addr_a)))
+        await asyncio.sleep(0.5)  # bootstrapped: the prefill side may now write at any time
+        expect.cancel()  # the decode worker's client went away
+        await asyncio.sleep(0.2)
+        assert await _pinned(b) == 2 + 1  # two pages and the open room: a write may be coming
+        release = asyncio.ensure_future(b.ReleaseRoom(kvd_pb2.ReleaseRoomRequest(room="late")))
+        await asyncio.sleep(0.2)
+        assert not release.done()  # the worker may not reuse the pages yet
+        await a.SendKv(kvd_pb2.SendKvRequest(pool_id=pa.pool_id, room="late", page_ids=[1, 2],
+                                             peer_address=addr_b))
+        assert (await release).existed
+        assert await _pinned(a) == 0 and await _pinned(b) == 0
+
+    asyncio.run(run())
