@@ -309,3 +309,54 @@ def test_abandoned_room_keeps_pages_pinned_until_no_late_write_can_land(two_kvds
         assert await _pinned(a) == 0 and await _pinned(b) == 0
 
     asyncio.run(run())
+
+
+def test_peer_surface_refuses_strangers_unknown_rooms_and_foreign_pages(two_kvds):
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
+
+    async def run():
+        b = _client(sock_b)
+        (pb, vb) = await _attach(b, "peer-d")
+        async with grpc.aio.insecure_channel(addr_b) as ch:
+            peer = kvd_pb2_grpc.KvdPeerServiceStub(ch)
+            cases = [
+                # another backend cannot handshake
+                (peer.Handshake(kvd_pb2.HandshakeRequest(kvd_id="x", backend="mooncake",
+                                                         peer_address="127.0.0.1:1")),
+                 "FAILED_PRECONDITION"),
+                # a kvd that never handshook cannot bootstrap
+                (peer.Bootstrap(kvd_pb2.BootstrapRequest(room="r", kvd_id="stranger",
+                                                         layout=LAYOUT, page_ids=[1])),
+                 "FAILED_PRECONDITION"),
+                # nobody expects this room here
+                (peer.TransferDone(kvd_pb2.TransferDoneRequest(room="nope", kvd_id="x")),
+                 "NOT_FOUND"),
+            ]
+            for call, code in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call
+                assert e.value.code().name == code, e.value.details()
+            # a room expected from kvd a cannot be completed by anyone else
+            expect = asyncio.ensure_future(b.ExpectKv(kvd_pb2.ExpectKvRequest(
+                pool_id=pb.pool_id, room="owned", page_ids=[3], peer_address=addr_a,
+                timeout_seconds=1)))
+            await asyncio.sleep(0.5)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await peer.TransferDone(kvd_pb2.TransferDoneRequest(room="owned",
+                                                                    kvd_id="impostor"))
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # pages bound to one room cannot be granted to another
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await b.ExpectKv(kvd_pb2.ExpectKvRequest(
+                    pool_id=pb.pool_id, room="thief", page_ids=[3], peer_address=addr_a))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError):
+                await expect
+        assert not vb.any()  # nothing was written
+        for _ in range(50):  # the bootstrapped room drains (waiting timeout 2 s in SHORT)
+            if await _pinned(b) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await _pinned(b) == 0
+
+    asyncio.run(run())
