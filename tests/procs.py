@@ -65,13 +65,30 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 def start_kvd(tmp: Path, name: str, backend: str = "nixl", host: str = "127.0.0.1",
               env: dict[str, str] | None = None, netns: str | None = None):
     """A kvd process; returns (proc, socket path, peer address)."""
-    port = free_port()
+    return start_kvd_at(tmp, name, free_port(), backend, host, env, netns)
+
+
+def start_kvd_at(tmp: Path, name: str, port: int, backend: str = "nixl",
+                 host: str = "127.0.0.1", env: dict[str, str] | None = None,
+                 netns: str | None = None):
+    """`start_kvd` on a given peer port (a node's kvd restarted where its peers know it)."""
     sock = str(tmp / f"{name}.sock")
     args = ["-m", "services.kvd", "--host", host, "--port", str(port), "--socket", sock,
             "--backend", backend]
-    if netns:
-        args = ["-c", "import os,sys; os.execvp('ip', ['ip','netns','exec',sys.argv[1],"
-                      "sys.executable, *sys.argv[2:]])", netns, *args]
-    proc = start(args, tmp / f"{name}.log", env)
+    proc = start(in_netns(netns, args) if netns else args, tmp / f"{name}.log", env)
     wait_healthy(f"unix:{sock}", proc)
     return proc, sock, f"{host}:{port}"
+
+
+def in_netns(netns: str, args: list[str]) -> list[str]:
+    """`start` arguments that run `python *args` inside network namespace `netns` (the
+    process execs into `ip netns exec`, so its pid is the Python process's)."""
+    return ["-c", "import os,sys; os.execvp('ip', ['ip','netns','exec',sys.argv[1],"
+                  "sys.executable, *sys.argv[2:]])", netns, *args]
+
+
+def kill(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+    """SIGKILL now (a crash, for fault tests); returns the exit code."""
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait(timeout)

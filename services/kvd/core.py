@@ -47,6 +47,7 @@ class _RecvRoom:
     done: asyncio.Future[tuple[kvd_pb2.RoomAux, int]]  # TransferDone, or the peer's death
     released: asyncio.Event = field(default_factory=asyncio.Event)  # the worker gave up
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # no write can land any more
+    is_bootstrapped: bool = False  # `peer` took the bootstrap: its heartbeats now count
 
 
 @dataclass(slots=True)
@@ -94,18 +95,16 @@ class KvdCore:
         room: _RecvRoom | None = None
         may_be_written = False  # once bootstrapped, the prefill side may write at any time
         try:
-            try:
-                peer = await self.peers.get(req.peer_address)
-            except RuntimeError as e:
-                raise RoomError("UNAVAILABLE", str(e)) from None
+            peer = await self._peer(req.peer_address)
             room = _RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future())
             self._recv[req.room] = room
             may_be_written = True
             try:
-                await peer.stub.Bootstrap(kvd_pb2.BootstrapRequest(
+                await self._bootstrap(req.peer_address, room, kvd_pb2.BootstrapRequest(
                     room=req.room, kvd_id=self.kvd_id, pool_id=pool.pool_id,
                     layout=pool.layout.to_proto(), pool_base_addr=pool.base_addr,
-                    page_ids=page_ids), timeout=10.0)
+                    page_ids=page_ids))
+                room.is_bootstrapped = True
             except grpc.aio.AioRpcError as e:
                 # refused outright: the prefill side will not write; a lost reply might
                 may_be_written = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -125,6 +124,29 @@ class KvdCore:
                 asyncio.get_running_loop().create_task(self._drain(req.room, room))
             else:
                 self._close_recv(req.room, pool, room)
+
+    async def _peer(self, address: str, fresh: bool = False) -> Peer:
+        try:
+            return await self.peers.get(address, fresh)
+        except RuntimeError as e:
+            raise RoomError("UNAVAILABLE", str(e)) from None
+
+    async def _bootstrap(self, address: str, room: _RecvRoom,
+                         boot: kvd_pb2.BootstrapRequest) -> None:
+        """Send the room's Bootstrap. A prefill kvd restarted since our handshake does not
+        know us (FAILED_PRECONDITION): handshake afresh and send it once more. The room is
+        bound to the kvd that took it — maybe one a concurrent room handshook with meanwhile
+        (the directory's lock orders that handshake before this look-up)."""
+        try:
+            await room.peer.stub.Bootstrap(boot, timeout=10.0)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            room.peer = await self._peer(address, fresh=True)
+            await room.peer.stub.Bootstrap(boot, timeout=10.0)
+        current = await self._peer(address)
+        if current.kvd_id != room.peer.kvd_id:
+            room.peer = current
 
     async def _wait_for_kv(self, req: kvd_pb2.ExpectKvRequest,
                            room: _RecvRoom) -> tuple[kvd_pb2.RoomAux, int]:
@@ -179,13 +201,13 @@ class KvdCore:
         s = self.settings
         while True:
             await asyncio.sleep(s.heartbeat_interval)
-            for peer in {room.peer for room in self._recv.values()}:
+            for peer in {room.peer for room in self._recv.values() if room.is_bootstrapped}:
                 alive = await self.peers.heartbeat(peer, s.heartbeat_max_failure,
                                                    timeout=max(s.heartbeat_interval, 0.5))
                 if alive:
                     continue
                 for name, room in list(self._recv.items()):
-                    if room.peer is peer and not room.done.done():
+                    if room.peer is peer and room.is_bootstrapped and not room.done.done():
                         room.done.set_exception(RoomError(
                             "UNAVAILABLE", f"room {name!r}: prefill kvd at {peer.address} missed "
                             f"{s.heartbeat_max_failure} heartbeats"))

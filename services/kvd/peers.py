@@ -2,7 +2,9 @@
 
 Contract: `PeerDirectory.get(address)` returns the `Peer` for a kvd's peer address, doing the
 handshake on first use (both sides learn each other's id and backend metadata; the callee
-connects its backend to the caller, so it can write into the caller's pools). A `Peer` whose
+connects its backend to the caller, so it can write into the caller's pools), and again when
+this kvd's metadata changed since (a pool attached later: the peer could not write into it
+otherwise) or when `fresh` says the peer forgot us (it restarted). A `Peer` whose
 heartbeats fail `max_failure` times in a row is marked dead; `on_dead` callbacks fail the rooms
 waiting on it. All methods run on kvd's asyncio loop.
 """
@@ -32,6 +34,7 @@ class Peer:
         self.channel = channel
         self.stub = kvd_pb2_grpc.KvdPeerServiceStub(channel)
         self.kvd_id: str | None = None
+        self.sent_metadata = b""  # this kvd's backend metadata as of the last handshake
         self.failures = 0
         self.is_dead = False
 
@@ -46,24 +49,30 @@ class PeerDirectory:
         self._peers: dict[str, Peer] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def get(self, address: str) -> Peer:
+    async def get(self, address: str, fresh: bool = False) -> Peer:
         lock = self._locks.setdefault(address, asyncio.Lock())
         async with lock:
-            peer = self._peers.get(address)
-            if peer is not None and not peer.is_dead:
-                return peer
-            peer = Peer(address, grpc.aio.insecure_channel(address))
+            old = self._peers.get(address)
+            metadata = self._metadata()
+            if old is not None and not old.is_dead and not fresh and old.sent_metadata == metadata:
+                return old
+            reuse = old.channel if old is not None and not old.is_dead else None
+            peer = Peer(address, reuse if reuse is not None else grpc.aio.insecure_channel(address))
             try:
                 reply = await peer.stub.Handshake(kvd_pb2.HandshakeRequest(
                     kvd_id=self._self_id, backend=self._backend_name,
-                    backend_metadata=self._metadata(), peer_address=self._self_address,
+                    backend_metadata=metadata, peer_address=self._self_address,
                 ), timeout=RPC_TIMEOUT)
             except grpc.aio.AioRpcError as e:
-                await peer.channel.close()
+                if reuse is None:
+                    await peer.channel.close()
                 raise PeerUnavailable(
                     f"kvd at {address}: handshake failed: {e.code().name}: {e.details()}"
                 ) from None
             peer.kvd_id = reply.kvd_id
+            peer.sent_metadata = metadata
+            if old is not None and old.kvd_id != peer.kvd_id:
+                old.is_dead = True  # it restarted: rooms bound to the old one fail at once
             self._peers[address] = peer
             return peer
 

@@ -120,7 +120,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 pool_id=self.pd.pool_id, room=room, page_ids=first.kv_page_ids or [],
                 peer_address=peer_address, aux=aux))
         except grpc.aio.AioRpcError as e:
-            raise RoomFailed.from_rpc(room, e) from None
+            failed = RoomFailed.from_rpc(room, e)
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # the two sides cannot share KV (layouts, page counts): no retry will help
+                failed.code = e.code()
+            raise failed from None
 
     async def GetLoad(self, request: worker_pb2.LoadRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.LoadResponse:
