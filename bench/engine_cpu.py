@@ -46,6 +46,7 @@ def machine() -> dict[str, object]:
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
