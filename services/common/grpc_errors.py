@@ -2,7 +2,8 @@
 
 Contract: handlers map the failures they expect to status codes themselves (and abort); any
 other exception escaping a unary or server-streaming handler is logged with its traceback and
-answered INTERNAL with a one-line message, never left to gRPC's UNKNOWN.
+answered INTERNAL with a one-line message, never left to gRPC's UNKNOWN. A request whose bytes
+do not parse as the method's message is answered INVALID_ARGUMENT before any handler runs.
 """
 
 from __future__ import annotations
@@ -28,17 +29,45 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
+        deserializer = _lenient(handler.request_deserializer)
         if inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
                 _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         if inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 _guard_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         return handler
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's
+            return _Malformed(e)
+
+    return parse
+
+
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext,
+                            method: str) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{method}: malformed request: {request.error}")
 
 
 async def _answer_internal(context: grpc.aio.ServicerContext, method: str) -> None:
@@ -48,6 +77,7 @@ async def _answer_internal(context: grpc.aio.ServicerContext, method: str) -> No
 
 def _guard_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _refuse_malformed(request, context, method)
         try:
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -60,6 +90,7 @@ def _guard_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any
 
 def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await _refuse_malformed(request, context, method)
         try:
             async with contextlib.aclosing(behavior(request, context)) as responses:
                 async for response in responses:

@@ -360,3 +360,24 @@ def test_peer_surface_refuses_strangers_unknown_rooms_and_foreign_pages(two_kvds
         assert await _pinned(b) == 0
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("surface, method", [
+    ("local", "/tandem.v1.KvdService/ExpectKv"),
+    ("local", "/tandem.v1.KvdService/SendKv"),
+    ("peer", "/tandem.v1.KvdPeerService/Bootstrap"),
+    ("peer", "/tandem.v1.KvdPeerService/TransferDone"),
+])
+def test_bytes_that_do_not_parse_are_invalid_argument(two_kvds, surface, method):
+    (_, sock_a, addr_a), _ = two_kvds
+    target = f"unix:{sock_a}" if surface == "local" else addr_a
+
+    async def run():
+        async with grpc.aio.insecure_channel(target) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await ch.unary_unary(method)(b"\xff\xff\xff not a protobuf", timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed" in e.value.details()
+        assert await _pinned(_client(sock_a)) == 0
+
+    asyncio.run(run())
