@@ -19,6 +19,10 @@ import grpc
 
 logger = logging.getLogger(__name__)
 
+# gRPC binds with SO_REUSEPORT by default: a second process on the same port would silently
+# share it (two kvds on one node, two workers on one port). Refuse instead.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
 
 class ExceptionInterceptor(grpc.aio.ServerInterceptor):
     """Unexpected exceptions from any handler: traceback logged, INTERNAL answered."""

@@ -10,6 +10,7 @@ kvd owns it); the other calls are the room operations of kvd.proto.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -60,7 +61,27 @@ def _is_serving(socket_path: str) -> bool:
 
 def ensure_kvd(socket_path: str, host: str, port: int, backend: str, ib_device: str | None,
                timeout: float = 60.0) -> kvd_pb2.StatsResponse:
-    """Attach to the node's kvd, starting it if needed; returns its Stats."""
+    """Attach to the node's kvd, starting it if needed; returns its Stats. Workers starting
+    together serialize on a lock file, so a node never gets two kvds."""
+    with open(f"{socket_path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _start_kvd_unless_serving(socket_path, host, port, backend, ib_device, timeout)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        stats = kvd_pb2_grpc.KvdServiceStub(channel).Stats(kvd_pb2.StatsRequest(), timeout=5.0)
+    if stats.backend != backend:
+        raise KvdUnavailable(
+            f"the kvd on unix:{socket_path} uses transfer backend {stats.backend!r}, this "
+            f"worker asked for {backend!r} (--disaggregation-transfer-backend); one node, "
+            "one backend"
+        )
+    return stats
+
+
+def _start_kvd_unless_serving(socket_path: str, host: str, port: int, backend: str,
+                              ib_device: str | None, timeout: float) -> None:
     if not _is_serving(socket_path):
         log_path = f"{socket_path}.log"
         args = [sys.executable, "-m", "services.kvd", "--socket", socket_path, "--host", host,
@@ -80,15 +101,6 @@ def ensure_kvd(socket_path: str, host: str, port: int, backend: str, ib_device: 
             if time.monotonic() > deadline:
                 raise KvdUnavailable(f"kvd did not come up on unix:{socket_path} in {timeout}s")
             time.sleep(0.1)
-    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
-        stats = kvd_pb2_grpc.KvdServiceStub(channel).Stats(kvd_pb2.StatsRequest(), timeout=5.0)
-    if stats.backend != backend:
-        raise KvdUnavailable(
-            f"the kvd on unix:{socket_path} uses transfer backend {stats.backend!r}, this "
-            f"worker asked for {backend!r} (--disaggregation-transfer-backend); one node, "
-            "one backend"
-        )
-    return stats
 
 
 def _tail(path: str, num_bytes: int = 600) -> str:

@@ -27,7 +27,7 @@ from services.common.convert import (
     response_from_output,
     sampling_params_from_proto,
 )
-from services.common.grpc_errors import ExceptionInterceptor
+from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind, serve_until_signal
 from services.common.kvd_client import RoomFailed
 from services.common.proto.tandem.v1 import worker_pb2, worker_pb2_grpc
@@ -134,7 +134,7 @@ class Worker:
     async def serve(self) -> int:
         """Serve until SIGTERM/SIGINT, then drain; the exit status."""
         config = self.config
-        server = grpc.aio.server(interceptors=[ExceptionInterceptor()])
+        server = grpc.aio.server(interceptors=[ExceptionInterceptor()], options=SERVER_OPTIONS)
         engine = self.engine = EngineLoop(await self.make_engine())
         servicer = self.make_servicer(engine)
         health_servicer = health.aio.HealthServicer()

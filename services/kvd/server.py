@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common.grpc_errors import ExceptionInterceptor
+from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.kvd.backends.base import create_backend
 from services.kvd.config import KvdConfig
@@ -141,8 +141,8 @@ class KvdServer:
     async def start(self) -> None:
         """Bind and serve (servers must be made on the running loop)."""
         await _claim_socket(self.config.socket)
-        self._local = grpc.aio.server(interceptors=[ExceptionInterceptor()])
-        self._peer = grpc.aio.server(interceptors=[ExceptionInterceptor()])
+        self._local = grpc.aio.server(interceptors=[ExceptionInterceptor()], options=SERVER_OPTIONS)
+        self._peer = grpc.aio.server(interceptors=[ExceptionInterceptor()], options=SERVER_OPTIONS)
         kvd_pb2_grpc.add_KvdServiceServicer_to_server(KvdServicer(self.core), self._local)
         kvd_pb2_grpc.add_KvdPeerServiceServicer_to_server(KvdPeerServicer(self.core), self._peer)
         for server in (self._local, self._peer):

@@ -24,7 +24,7 @@ from services.common.convert import (
     prompt_ids_from_proto,
     sampling_params_from_proto,
 )
-from services.common.grpc_errors import ExceptionInterceptor
+from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind, serve_until_signal
 from services.common.kvd_client import RoomFailed
 from services.common.proto.tandem.v1 import kvd_pb2, worker_pb2, worker_pb2_grpc
@@ -152,7 +152,7 @@ class PrefillWorker:
         config = self.config
         engine_, pd = await build_pd_engine(config, self.loaded, self.device)
         engine = EngineLoop(engine_)
-        server = grpc.aio.server(interceptors=[ExceptionInterceptor()])
+        server = grpc.aio.server(interceptors=[ExceptionInterceptor()], options=SERVER_OPTIONS)
         servicer = PrefillServicer(engine, self.loaded, config, pd)
         health_servicer = health.aio.HealthServicer()
         worker_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server)

@@ -102,3 +102,25 @@ def test_unavailable_backend_fails_at_start_naming_what_is_missing(tmp_path, bac
     assert kvd.wait(60) == 2
     log = (tmp_path / "kvd.log").read_text()
     assert words in log and "Traceback" not in log
+
+
+def test_workers_starting_together_share_one_kvd(tmp_path):
+    model = tmp_path / "m"
+    make_tiny_model("llama", model)
+    sock, kvd_port = str(tmp_path / "node.sock"), free_port()
+    ports = [free_port(), free_port()]
+    procs = [start(["-m", "services.cli", "serve", "--model-path", str(model),
+                    "--disaggregation-mode", mode, "--port", str(port), "--kvd-socket", sock,
+                    "--kvd-port", str(kvd_port), "--disaggregation-transfer-backend", "nixl",
+                    "--num-kv-pages", "64"], tmp_path / f"{mode}.log")
+             for mode, port in zip(("prefill", "decode"), ports, strict=True)]
+    try:
+        for proc, port in zip(procs, ports, strict=True):
+            wait_healthy(f"127.0.0.1:{port}", proc, timeout=120)
+        assert len(_pids_with(sock)) == 1
+        assert len(asyncio.run(_stats(sock)).pools) == 2
+    finally:
+        for proc in procs:
+            stop(proc)
+        for pid in _pids_with(sock):
+            os.kill(pid, signal.SIGTERM)
