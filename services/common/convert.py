@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from services.common.proto.tandem.v1 import worker_pb2
+from services.engine.engine import LLMEngine
+from services.engine.engine_loop import EngineLoad
 from services.engine.output import RequestOutput
 from services.engine.sampler import TokenLogprobs
 from services.engine.sampling_params import SamplingParams
@@ -64,3 +66,16 @@ def prompt_ids_from_proto(tokenizer: Tokenizer,
 def logprob_to_proto(lp: TokenLogprobs) -> worker_pb2.TokenLogprob:
     return worker_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                    top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+
+
+def load_to_proto(load: EngineLoad) -> worker_pb2.LoadResponse:
+    return worker_pb2.LoadResponse(num_running=load.num_running, num_waiting=load.num_waiting,
+                                   num_free_pages=load.num_free_pages, num_pages=load.num_pages)
+
+
+def model_info_to_proto(engine: LLMEngine, model_name: str, mode: str,
+                        kvd_peer_address: str) -> worker_pb2.ModelInfoResponse:
+    return worker_pb2.ModelInfoResponse(
+        model_name=model_name, max_model_len=engine.max_model_len,
+        vocab_size=engine.model_config.vocab_size, disaggregation_mode=mode,
+        kvd_peer_address=kvd_peer_address)

@@ -39,10 +39,13 @@ class RoomFailed(RuntimeError):
         self.code = code
 
     @classmethod
-    def from_rpc(cls, room: str, error: grpc.aio.AioRpcError) -> RoomFailed:
+    def from_rpc(cls, room: str, error: grpc.aio.AioRpcError,
+                 keep: tuple[grpc.StatusCode, ...] = ()) -> RoomFailed:
+        """kvd's status, kept where it tells the client something (and for `keep`), else
+        UNAVAILABLE."""
         code = error.code()
         if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        grpc.StatusCode.CANCELLED):
+                        grpc.StatusCode.CANCELLED, *keep):
             code = grpc.StatusCode.UNAVAILABLE  # the KV path failed; a retry may succeed
         return cls(code, f"KV transfer of room {room!r} failed: {error.details()}")
 

@@ -23,6 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from services.common.convert import (
+    load_to_proto,
+    model_info_to_proto,
     prompt_ids_from_proto,
     response_from_output,
     sampling_params_from_proto,
@@ -95,20 +97,12 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
 
     async def GetLoad(self, request: worker_pb2.LoadRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.LoadResponse:
-        load = await self.engine.load()
-        return worker_pb2.LoadResponse(num_running=load.num_running,
-                                       num_waiting=load.num_waiting,
-                                       num_free_pages=load.num_free_pages,
-                                       num_pages=load.num_pages)
+        return load_to_proto(await self.engine.load())
 
     async def GetModelInfo(self, request: worker_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> worker_pb2.ModelInfoResponse:
-        engine = self.engine.engine
-        return worker_pb2.ModelInfoResponse(
-            model_name=self.model_name, max_model_len=engine.max_model_len,
-            vocab_size=engine.model_config.vocab_size,
-            disaggregation_mode=self.config.disaggregation_mode,
-            kvd_peer_address=self.kvd_peer_address)
+        return model_info_to_proto(self.engine.engine, self.model_name,
+                                   self.config.disaggregation_mode, self.kvd_peer_address)
 
     @property
     def kvd_peer_address(self) -> str:

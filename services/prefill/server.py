@@ -20,7 +20,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from services.common.convert import (
+    load_to_proto,
     logprob_to_proto,
+    model_info_to_proto,
     prompt_ids_from_proto,
     sampling_params_from_proto,
 )
@@ -120,26 +122,19 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 pool_id=self.pd.pool_id, room=room, page_ids=first.kv_page_ids or [],
                 peer_address=peer_address, aux=aux))
         except grpc.aio.AioRpcError as e:
-            failed = RoomFailed.from_rpc(room, e)
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                # the two sides cannot share KV (layouts, page counts): no retry will help
-                failed.code = e.code()
-            raise failed from None
+            # FAILED_PRECONDITION: the two sides cannot share KV (layouts, page counts), so
+            # no retry will help; say so rather than UNAVAILABLE
+            raise RoomFailed.from_rpc(room, e, keep=(grpc.StatusCode.FAILED_PRECONDITION,)
+                                      ) from None
 
     async def GetLoad(self, request: worker_pb2.LoadRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.LoadResponse:
-        load = await self.engine.load()
-        return worker_pb2.LoadResponse(num_running=load.num_running, num_waiting=load.num_waiting,
-                                       num_free_pages=load.num_free_pages,
-                                       num_pages=load.num_pages)
+        return load_to_proto(await self.engine.load())
 
     async def GetModelInfo(self, request: worker_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> worker_pb2.ModelInfoResponse:
-        engine = self.engine.engine
-        return worker_pb2.ModelInfoResponse(
-            model_name=self.model_name, max_model_len=engine.max_model_len,
-            vocab_size=engine.model_config.vocab_size, disaggregation_mode="prefill",
-            kvd_peer_address=self.pd.peer_address)
+        return model_info_to_proto(self.engine.engine, self.model_name, "prefill",
+                                   self.pd.peer_address)
 
 
 class PrefillWorker:
