@@ -36,11 +36,12 @@ def sampling_params_from_proto(proto: worker_pb2.SamplingParams) -> SamplingPara
                                  ignore_eos=proto.ignore_eos)
 
 
-def response_from_output(output: RequestOutput) -> worker_pb2.GenerateResponse:
+def response_from_output(output: RequestOutput,
+                         tokenizer: Tokenizer) -> worker_pb2.GenerateResponse:
     return worker_pb2.GenerateResponse(
         token_ids=output.new_token_ids,
         text=output.new_text,
-        logprobs=[logprob_to_proto(lp) for lp in output.new_logprobs],
+        logprobs=[logprob_to_proto(lp, tokenizer) for lp in output.new_logprobs],
         finish_reason=_FINISH[output.finish_reason],
         usage=worker_pb2.Usage(prompt_tokens=output.num_prompt_tokens,
                                completion_tokens=output.num_output_tokens,
@@ -63,9 +64,14 @@ def prompt_ids_from_proto(tokenizer: Tokenizer,
     raise ValueError("the request has no input: set one of text, chat, token_ids")
 
 
-def logprob_to_proto(lp: TokenLogprobs) -> worker_pb2.TokenLogprob:
-    return worker_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                                   top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+def logprob_to_proto(lp: TokenLogprobs, tokenizer: Tokenizer) -> worker_pb2.TokenLogprob:
+    """With each token's text and exact bytes, so a client needs no tokenizer."""
+    top_bytes = [tokenizer.token_bytes(i) for i in lp.top_token_ids]
+    chosen = tokenizer.token_bytes(lp.token_id)
+    return worker_pb2.TokenLogprob(
+        token_id=lp.token_id, logprob=lp.logprob, top_token_ids=lp.top_token_ids,
+        top_logprobs=lp.top_logprobs, token=chosen.decode(errors="replace"), token_bytes=chosen,
+        top_tokens=[b.decode(errors="replace") for b in top_bytes], top_token_bytes=top_bytes)
 
 
 def load_to_proto(load: EngineLoad) -> worker_pb2.LoadResponse:

@@ -71,7 +71,7 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
             async with contextlib.aclosing(stream):
                 try:
                     async for output in stream:
-                        yield response_from_output(output)
+                        yield response_from_output(output, self.tokenizer)
                 except ValueError as e:  # input the engine refused (EngineInputError)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 except EngineStopped as e:

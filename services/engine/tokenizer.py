@@ -25,6 +25,7 @@ import tokenizers
 
 from services.engine.tokenizer_backend import (
     build_gguf_backend,
+    bytes_to_unicode,
     gguf_fields,
     mark_special,
     set_post_processor,
@@ -49,6 +50,7 @@ class Tokenizer:
     vocab_size: int = field(init=False)
     special_ids: frozenset[int] = field(init=False)
     add_bos_token: bool = field(init=False)  # what encode(add_special_tokens=True) does
+    _byte_decoder: dict[str, int] | None = field(init=False)  # byte-level BPE: char -> byte
 
     def __post_init__(self) -> None:
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
@@ -57,6 +59,12 @@ class Tokenizer:
         )
         probe = self.backend.encode("", add_special_tokens=True).ids
         self.add_bos_token = self.bos_token_id is not None and probe[:1] == [self.bos_token_id]
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" \
+            else [decoder]
+        byte_level = any(d.get("type") == "ByteLevel" for d in decoders)
+        self._byte_decoder = ({c: b for b, c in bytes_to_unicode().items()} if byte_level
+                              else None)
 
     # ---- construction ----
 
@@ -138,6 +146,22 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [str(self.backend.id_to_token(i)) for i in self._checked(ids)]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (special tokens: their text). A byte-level or
+        byte-fallback token may hold part of a UTF-8 character, which `decode` would turn into
+        U+FFFD; OpenAI's logprobs carry these bytes so clients can join them."""
+        piece = self.convert_ids_to_tokens([token_id])[0]
+        if token_id not in self.special_ids:
+            if self._byte_decoder is not None and all(c in self._byte_decoder for c in piece):
+                return bytes(self._byte_decoder[c] for c in piece)
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return bytes([int(piece[3:5], 16)])  # sentencepiece byte fallback
+        return self.backend.decode([token_id], skip_special_tokens=False).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """The token as text; a partial UTF-8 character shows as U+FFFD."""
+        return self.token_bytes(token_id).decode(errors="replace")
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids

@@ -90,7 +90,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         lp = first.new_logprobs[0] if first.new_logprobs else None
         return worker_pb2.PrefillResponse(
             first_token_id=first.new_token_ids[0],
-            first_logprob=logprob_to_proto(lp) if lp is not None else None,
+            first_logprob=logprob_to_proto(lp, self.tokenizer) if lp is not None else None,
             prompt_tokens=first.num_prompt_tokens, cached_tokens=first.num_cached_tokens,
             kv_bytes=sent.kv_bytes, transfer_seconds=sent.transfer_seconds,
             transfer_backend=sent.backend, num_descriptors=sent.num_descriptors,

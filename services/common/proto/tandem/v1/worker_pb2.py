@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\"\x92\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"W\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"<\n\x12\x44isaggregationInfo\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x18\n\x10peer_kvd_address\x18\x02 \x01(\t\"\xf5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x35\n\x0e\x64isaggregation\x18\x06 \x01(\x0b\x32\x1d.tandem.v1.DisaggregationInfoB\x07\n\x05input\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xaf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\"=\n\x0ePrefillRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\"\xe6\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x18\n\x10transfer_backend\x18\x07 \x01(\t\x12\x17\n\x0fnum_descriptors\x18\x08 \x01(\x05\"\r\n\x0bLoadRequest\"c\n\x0cLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x16\n\x0enum_free_pages\x18\x03 \x01(\x05\x12\x11\n\tnum_pages\x18\x04 \x01(\x05\"\x12\n\x10ModelInfoRequest\"\x89\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x1b\n\x13\x64isaggregation_mode\x18\x04 \x01(\t\x12\x18\n\x10kvd_peer_address\x18\x05 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xdf\x01\n\x0fGenerateService\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x07GetLoad\x12\x16.tandem.v1.LoadRequest\x1a\x17.tandem.v1.LoadResponse\x12I\n\x0cGetModelInfo\x12\x1b.tandem.v1.ModelInfoRequest\x1a\x1c.tandem.v1.ModelInfoResponse2\xd9\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12:\n\x07GetLoad\x12\x16.tandem.v1.LoadRequest\x1a\x17.tandem.v1.LoadResponse\x12I\n\x0cGetModelInfo\x12\x1b.tandem.v1.ModelInfoRequest\x1a\x1c.tandem.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\"\x92\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"W\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"<\n\x12\x44isaggregationInfo\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x18\n\x10peer_kvd_address\x18\x02 \x01(\t\"\xf5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x35\n\x0e\x64isaggregation\x18\x06 \x01(\x0b\x32\x1d.tandem.v1.DisaggregationInfoB\x07\n\x05input\"\xaf\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\r\n\x05token\x18\x05 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x06 \x01(\x0c\x12\x12\n\ntop_tokens\x18\x07 \x03(\t\x12\x17\n\x0ftop_token_bytes\x18\x08 \x03(\x0c\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xaf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\"=\n\x0ePrefillRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\"\xe6\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x18\n\x10transfer_backend\x18\x07 \x01(\t\x12\x17\n\x0fnum_descriptors\x18\x08 \x01(\x05\"\r\n\x0bLoadRequest\"c\n\x0cLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x16\n\x0enum_free_pages\x18\x03 \x01(\x05\x12\x11\n\tnum_pages\x18\x04 \x01(\x05\"\x12\n\x10ModelInfoRequest\"\x89\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x1b\n\x13\x64isaggregation_mode\x18\x04 \x01(\t\x12\x18\n\x10kvd_peer_address\x18\x05 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xdf\x01\n\x0fGenerateService\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x07GetLoad\x12\x16.tandem.v1.LoadRequest\x1a\x17.tandem.v1.LoadResponse\x12I\n\x0cGetModelInfo\x12\x1b.tandem.v1.ModelInfoRequest\x1a\x1c.tandem.v1.ModelInfoResponse2\xd9\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12:\n\x07GetLoad\x12\x16.tandem.v1.LoadRequest\x1a\x17.tandem.v1.LoadResponse\x12I\n\x0cGetModelInfo\x12\x1b.tandem.v1.ModelInfoRequest\x1a\x1c.tandem.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1968
-  _globals['_FINISHREASON']._serialized_end=2088
+  _globals['_FINISHREASON']._serialized_start=2050
+  _globals['_FINISHREASON']._serialized_end=2170
   _globals['_SAMPLINGPARAMS']._serialized_start=38
   _globals['_SAMPLINGPARAMS']._serialized_end=568
   _globals['_CHATMESSAGE']._serialized_start=570
@@ -45,26 +45,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISAGGREGATIONINFO']._serialized_end=790
   _globals['_GENERATEREQUEST']._serialized_start=793
   _globals['_GENERATEREQUEST']._serialized_end=1038
-  _globals['_TOKENLOGPROB']._serialized_start=1040
-  _globals['_TOKENLOGPROB']._serialized_end=1134
-  _globals['_USAGE']._serialized_start=1136
-  _globals['_USAGE']._serialized_end=1216
-  _globals['_GENERATERESPONSE']._serialized_start=1219
-  _globals['_GENERATERESPONSE']._serialized_end=1394
-  _globals['_PREFILLREQUEST']._serialized_start=1396
-  _globals['_PREFILLREQUEST']._serialized_end=1457
-  _globals['_PREFILLRESPONSE']._serialized_start=1460
-  _globals['_PREFILLRESPONSE']._serialized_end=1690
-  _globals['_LOADREQUEST']._serialized_start=1692
-  _globals['_LOADREQUEST']._serialized_end=1705
-  _globals['_LOADRESPONSE']._serialized_start=1707
-  _globals['_LOADRESPONSE']._serialized_end=1806
-  _globals['_MODELINFOREQUEST']._serialized_start=1808
-  _globals['_MODELINFOREQUEST']._serialized_end=1826
-  _globals['_MODELINFORESPONSE']._serialized_start=1829
-  _globals['_MODELINFORESPONSE']._serialized_end=1966
-  _globals['_GENERATESERVICE']._serialized_start=2091
-  _globals['_GENERATESERVICE']._serialized_end=2314
-  _globals['_PREFILLSERVICE']._serialized_start=2317
-  _globals['_PREFILLSERVICE']._serialized_end=2534
+  _globals['_TOKENLOGPROB']._serialized_start=1041
+  _globals['_TOKENLOGPROB']._serialized_end=1216
+  _globals['_USAGE']._serialized_start=1218
+  _globals['_USAGE']._serialized_end=1298
+  _globals['_GENERATERESPONSE']._serialized_start=1301
+  _globals['_GENERATERESPONSE']._serialized_end=1476
+  _globals['_PREFILLREQUEST']._serialized_start=1478
+  _globals['_PREFILLREQUEST']._serialized_end=1539
+  _globals['_PREFILLRESPONSE']._serialized_start=1542
+  _globals['_PREFILLRESPONSE']._serialized_end=1772
+  _globals['_LOADREQUEST']._serialized_start=1774
+  _globals['_LOADREQUEST']._serialized_end=1787
+  _globals['_LOADRESPONSE']._serialized_start=1789
+  _globals['_LOADRESPONSE']._serialized_end=1888
+  _globals['_MODELINFOREQUEST']._serialized_start=1890
+  _globals['_MODELINFOREQUEST']._serialized_end=1908
+  _globals['_MODELINFORESPONSE']._serialized_start=1911
+  _globals['_MODELINFORESPONSE']._serialized_end=2048
+  _globals['_GENERATESERVICE']._serialized_start=2173
+  _globals['_GENERATESERVICE']._serialized_end=2396
+  _globals['_PREFILLSERVICE']._serialized_start=2399
+  _globals['_PREFILLSERVICE']._serialized_end=2616
 # @@protoc_insertion_point(module_scope)
