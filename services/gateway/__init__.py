@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway and prefill/decode router (`tandem gateway`)."""

@@ -1,0 +1,307 @@
+"""The gateway's HTTP API (FastAPI): OpenAI's chat and text completions, models, health, metrics.
+
+Contract:
+- `POST /v1/chat/completions`, `POST /v1/completions`: OpenAI bodies (see `protocol`), answered
+  whole or as server-sent events (`data: {chunk}` ... `data: [DONE]`). A stream's status and
+  headers are sent with its first token, so a request that fails before producing anything gets
+  its real status (400, 404, 503, ...) rather than a 200 stream holding an error; a failure
+  after that is one `data: {"error": ...}` event before `[DONE]`.
+- `GET /v1/models`, `GET /v1/models/{id}`: the models every role can serve now.
+- `GET /health`: 200 when every role has a worker in rotation, else 503 naming the role;
+  `GET /liveness`: 200 while the process runs; `GET /metrics`: Prometheus text.
+- Every error is `{"error": {"message", "type", "param", "code"}}`. With an API key, `/v1/*`
+  needs `Authorization: Bearer KEY` (401 otherwise).
+- A client that disconnects cancels its request's legs on every worker (streaming or not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.proto.tandem.v1 import worker_pb2
+from services.gateway.errors import APIError
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.protocol import (
+    Job,
+    check_model,
+    default_max_tokens,
+    parse_chat,
+    parse_completion,
+)
+from services.gateway.responses import Choice, ChunkWriter, full_response
+from services.gateway.router import Router
+
+logger = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() \
+        + b"\n\n"
+
+
+class _Timing:
+    """TTFT and inter-token latencies of one job, into the metrics."""
+
+    def __init__(self, metrics: GatewayMetrics, n_choices: int) -> None:
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.last = [0.0] * n_choices
+
+    def tokens(self, index: int, r: worker_pb2.GenerateResponse) -> None:
+        if not r.token_ids:
+            return
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.observe(now - self.start)
+        elif self.last[index]:
+            self.metrics.itl.observe(now - self.last[index])
+        self.last[index] = now
+
+
+def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = None,
+              max_payload_bytes: int = 256 * 1024 * 1024) -> FastAPI:
+    app = FastAPI(title="Tandem gateway", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(APIError(error.status_code, str(error.detail)))
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if api_key is not None and path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                     api_key.encode()):
+                error = APIError(401, "Incorrect or missing API key: send "
+                                 "`Authorization: Bearer <key>`", code="invalid_api_key")
+                metrics.requests.labels(path, "401").inc()
+                return _error_response(error)
+        response = await call_next(request)
+        if path.startswith("/v1/"):
+            metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    async def _body(request: Request) -> object:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_payload_bytes:
+            raise APIError(413, f"the body is larger than {max_payload_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > max_payload_bytes:
+            raise APIError(413, f"the body is larger than {max_payload_bytes} bytes")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}") from None
+
+    def _prepare(job: Job) -> Job:
+        served = router.models()
+        if not served and router.unready_roles():
+            raise _not_ready(router)
+        check_model(job, served)
+        if job.kind == "chat":
+            default_max_tokens(job, served[job.model].max_model_len)
+        return job
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        job = _prepare(parse_chat(await _body(request)))
+        return await _answer(request, job, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        job = _prepare(parse_completion(await _body(request)))
+        return await _answer(request, job, "/v1/completions")
+
+    async def _answer(request: Request, job: Job, endpoint: str) -> Response:
+        timing = _Timing(metrics, len(job.requests))
+        choices = [Choice(i) for i in range(len(job.requests))]
+        events = _merged(router, job)
+        if not job.stream:
+            async def collect() -> dict:
+                async with contextlib.aclosing(events):
+                    async for index, r in events:
+                        timing.tokens(index, r)
+                        choices[index].add(r)
+                return full_response(job, choices)
+            body = await _cancel_on_disconnect(request, collect(), metrics)
+            _finish(metrics, endpoint, timing, choices)
+            return JSONResponse(body)
+        # streaming: wait for the first response so that early failures keep their status
+        try:
+            first = await _cancel_on_disconnect(request, anext(events, None), metrics)
+        except BaseException:
+            await events.aclose()
+            raise
+        stream = _stream(job, events, first, choices, timing, metrics, endpoint)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list",
+                "data": [_model_card(name, info) for name, info in router.models().items()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        served = router.models()
+        if model_id not in served:
+            raise APIError(404, f"The model {model_id!r} does not exist", param="model",
+                           code="model_not_found")
+        return _model_card(model_id, served[model_id])
+
+    @app.get("/health")
+    async def health() -> dict:
+        if router.unready_roles():
+            raise _not_ready(router)
+        return {"status": "ok", "roles": {r: len(router.groups[r].healthy())
+                                          for r in router.roles}}
+
+    @app.get("/liveness")
+    async def liveness() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return PlainTextResponse(metrics.exposition(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _not_ready(router: Router) -> APIError:
+    roles = ", ".join(router.unready_roles())
+    return APIError(503, f"no healthy worker for role(s): {roles}", code="no_healthy_worker")
+
+
+def _model_card(name: str, info: worker_pb2.ModelInfoResponse) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "tandem",
+            "max_model_len": info.max_model_len}
+
+
+def _finish(metrics: GatewayMetrics, endpoint: str, timing: _Timing,
+            choices: list[Choice]) -> None:
+    metrics.e2e.labels(endpoint).observe(time.monotonic() - timing.start)
+    metrics.completion_tokens.inc(sum(c.completion_tokens for c in choices))
+    n_prompt = sum(c.prompt_tokens for c in choices[:1])
+    metrics.prompt_tokens.inc(n_prompt)
+
+
+async def _merged(router: Router, job: Job
+                  ) -> AsyncIterator[tuple[int, worker_pb2.GenerateResponse]]:
+    """(choice index, response) from all of the job's requests as they arrive. Closing it
+    cancels every request still running."""
+    if len(job.requests) == 1:
+        stream = router.stream(job.requests[0], job.model, job.routing_texts[0])
+        async with contextlib.aclosing(stream):
+            async for r in stream:
+                yield 0, r
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        stream = router.stream(job.requests[index], job.model, job.routing_texts[index])
+        try:
+            async with contextlib.aclosing(stream):
+                async for r in stream:
+                    await queue.put((index, r, None))
+            await queue.put((index, None, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((index, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(job.requests))]
+    try:
+        running = len(tasks)
+        while running:
+            index, r, error = await queue.get()
+            if error is not None:
+                raise error
+            if r is None:
+                running -= 1
+                continue
+            yield index, r
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stream(job: Job, events: AsyncIterator, first: tuple | None, choices: list[Choice],
+                  timing: _Timing, metrics: GatewayMetrics, endpoint: str
+                  ) -> AsyncIterator[bytes]:
+    writer = ChunkWriter(job)
+    opened: set[int] = set()
+    finished = False
+    try:
+        async with contextlib.aclosing(events):
+            pending = first
+            while pending is not None:
+                index, r = pending
+                timing.tokens(index, r)
+                choices[index].add(r)
+                if index not in opened:
+                    opened.add(index)
+                    opening = writer.opening(index)
+                    if opening is not None:
+                        yield _sse(opening)
+                yield _sse(writer.delta(choices[index], r, choices))
+                pending = await anext(events, None)
+        if job.include_usage:
+            yield _sse(writer.final_usage(choices))
+        finished = True
+    except APIError as e:
+        logger.warning("%s failed mid-stream: %s", job.id, e.message)
+        yield _sse(e.body())
+        finished = True
+    finally:
+        if finished:
+            _finish(metrics, endpoint, timing, choices)
+        else:
+            metrics.cancellations.inc()
+    yield b"data: [DONE]\n\n"
+
+
+async def _cancel_on_disconnect(request: Request, work, metrics: GatewayMetrics):
+    """Await `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            metrics.cancellations.inc()
+            with contextlib.suppress(BaseException):
+                await task
+            return Response(status_code=499)
+        return task.result()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
