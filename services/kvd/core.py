@@ -62,6 +62,7 @@ class Counters:
     rooms_failed: int = 0
     bytes_sent: int = 0
     open_sends: int = 0
+    awaiting_bootstrap: int = 0  # prefill requests waiting for their destination
 
 
 class KvdCore:
@@ -79,10 +80,12 @@ class KvdCore:
         self._recv: dict[str, _RecvRoom] = {}
         self._bootstraps: dict[str, asyncio.Future[kvd_pb2.BootstrapRequest]] = {}
         self._known: dict[str, _KnownPeer] = {}  # kvd id -> how to write to it
+        self._cancelled: set[str] = set()  # rooms the decode side gave up: sends refuse them
+        self._pushing: dict[str, asyncio.Event] = {}  # room -> set when its write has ended
 
     @property
     def num_open_rooms(self) -> int:
-        return len(self._recv) + self.counters.open_sends
+        return len(self._recv) + self.counters.open_sends + self.counters.awaiting_bootstrap
 
     # --- decode side ----------------------------------------------------------------------
 
@@ -165,11 +168,21 @@ class KvdCore:
                         f"within {timeout:g}s")
 
     async def _drain(self, name: str, room: _RecvRoom) -> None:
+        """Until no write into the room's pages can land: the prefill kvd confirms it cancelled
+        the room, reports the transfer, dies, or a waiting timeout passes."""
+        cancel = asyncio.ensure_future(room.peer.stub.CancelRoom(
+            kvd_pb2.CancelRoomRequest(room=name, kvd_id=self.kvd_id),
+            timeout=self.settings.waiting_timeout))
         try:
-            await asyncio.wait_for(asyncio.shield(room.done), self.settings.waiting_timeout)
+            await asyncio.wait({cancel, room.done}, timeout=self.settings.waiting_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not room.done.done() and cancel.done() and cancel.exception() is not None:
+                # the prefill kvd could not confirm: rely on TransferDone, heartbeats, timeout
+                await asyncio.wait_for(asyncio.shield(room.done), self.settings.waiting_timeout)
         except BaseException:  # noqa: BLE001 - any outcome ends the drain
             pass
         finally:
+            cancel.cancel()
             self._close_recv(name, room.pool, room)
 
     def _close_recv(self, name: str, pool: Pool, room: _RecvRoom | None) -> None:
@@ -225,6 +238,8 @@ class KvdCore:
         self._known[req.kvd_id] = _KnownPeer(req.peer_address, handle)
 
     def on_bootstrap(self, req: kvd_pb2.BootstrapRequest) -> None:
+        if req.room in self._cancelled:
+            raise RoomError("ABORTED", f"room {req.room!r} was cancelled by the decode side")
         if req.kvd_id not in self._known:
             raise RoomError("FAILED_PRECONDITION", f"kvd {req.kvd_id!r} has not handshaken")
         try:
@@ -232,34 +247,84 @@ class KvdCore:
             check_page_ids(list(req.page_ids), layout.num_pages)
         except ValueError as e:
             raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: {e}") from None
-        future = self._bootstraps.get(req.room)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._bootstraps[req.room] = future
-            asyncio.get_running_loop().call_later(self.settings.bootstrap_timeout,
-                                                  self._expire_bootstrap, req.room, future)
+        future = self._boot_future(req.room)
         if future.done():
             raise RoomError("ALREADY_EXISTS", f"room {req.room!r} was already bootstrapped")
         future.set_result(req)
 
+    def _boot_future(self, room: str) -> asyncio.Future[kvd_pb2.BootstrapRequest]:
+        """The room's bootstrap, whichever side asks first. Forgotten after the bootstrap and
+        waiting timeouts: by then the decode side has given up on the room anyway."""
+        future = self._bootstraps.get(room)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._bootstraps[room] = loop.create_future()
+            loop.call_later(self.settings.bootstrap_timeout + self.settings.waiting_timeout,
+                            self._expire_bootstrap, room, future)
+        return future
+
     def _expire_bootstrap(self, room: str, future: asyncio.Future) -> None:
         if self._bootstraps.get(room) is future:
             del self._bootstraps[room]
+            if not future.done():
+                future.cancel()
+
+    async def _await_boot(self, room: str, timeout: float) -> kvd_pb2.BootstrapRequest:
+        if room in self._cancelled:
+            raise RoomError("ABORTED", f"room {room!r} was cancelled by the decode side")
+        future = self._boot_future(room)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise RoomError("DEADLINE_EXCEEDED", f"room {room!r}: the decode side did not "
+                            f"bootstrap within {timeout:g}s") from None
+        except asyncio.CancelledError:
+            if future.cancelled():  # ReleaseRoom / CancelRoom: the decode side gave up first
+                raise RoomError("ABORTED", f"room {room!r}: the decode side released it before "
+                                "its KV was sent") from None
+            raise
+
+    async def on_cancel_room(self, req: kvd_pb2.CancelRoomRequest) -> None:
+        """The decode side gave up on the room: refuse its bootstrap and sends from now on, and
+        return once a write already in flight has ended."""
+        room = req.room
+        if room not in self._cancelled:
+            self._cancelled.add(room)
+            s = self.settings
+            asyncio.get_running_loop().call_later(s.bootstrap_timeout + s.waiting_timeout,
+                                                  self._cancelled.discard, room)
+        future = self._bootstraps.get(room)
+        if future is not None and not future.done():
+            future.cancel()
+        pushing = self._pushing.get(room)
+        if pushing is not None:
+            await pushing.wait()
+
+    async def await_bootstrap(self, req: kvd_pb2.AwaitBootstrapRequest
+                              ) -> kvd_pb2.AwaitBootstrapResponse:
+        """Until the decode side has reserved the room's pages (its Bootstrap arrived)."""
+        self.counters.awaiting_bootstrap += 1
+        try:
+            boot = await self._await_boot(req.room,
+                                          req.timeout_seconds or self.settings.bootstrap_timeout)
+        finally:
+            self.counters.awaiting_bootstrap -= 1
+        return kvd_pb2.AwaitBootstrapResponse(num_pages=len(boot.page_ids))
 
     async def send_kv(self, req: kvd_pb2.SendKvRequest) -> kvd_pb2.SendKvResponse:
         pool = self._pool(req.pool_id)
         page_ids = list(req.page_ids)
         self.pools.pin(pool, req.room, page_ids, write=False)
         self.counters.open_sends += 1
-        future = self._bootstraps.setdefault(req.room,
-                                             asyncio.get_running_loop().create_future())
+        future = self._boot_future(req.room)
+        pushing: asyncio.Event | None = None
         try:
-            timeout = req.timeout_seconds or self.settings.bootstrap_timeout
-            try:
-                boot = await asyncio.wait_for(asyncio.shield(future), timeout)
-            except TimeoutError:
-                raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: the decode side did not "
-                                f"bootstrap within {timeout:g}s") from None
+            boot = await self._await_boot(req.room,
+                                          req.timeout_seconds or self.settings.bootstrap_timeout)
+            if req.room in self._cancelled:  # between the bootstrap and now
+                raise RoomError("ABORTED", f"room {req.room!r}: the decode side released it "
+                                "before its KV was sent")
+            pushing = self._pushing[req.room] = asyncio.Event()  # no await since the check
             response = await self._push(req, pool, page_ids, boot)
             self.counters.rooms_completed += 1
             return response
@@ -267,6 +332,10 @@ class KvdCore:
             self.counters.rooms_failed += 1
             raise
         finally:
+            if pushing is not None:
+                pushing.set()
+                if self._pushing.get(req.room) is pushing:
+                    del self._pushing[req.room]
             self.counters.open_sends -= 1
             if self._bootstraps.get(req.room) is future:
                 del self._bootstraps[req.room]

@@ -73,6 +73,12 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
         return await self.core.expect_kv(request)
 
     @_mapped
+    async def AwaitBootstrap(self, request: kvd_pb2.AwaitBootstrapRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> kvd_pb2.AwaitBootstrapResponse:
+        return await self.core.await_bootstrap(request)
+
+    @_mapped
     async def SendKv(self, request: kvd_pb2.SendKvRequest,
                      context: grpc.aio.ServicerContext) -> kvd_pb2.SendKvResponse:
         return await self.core.send_kv(request)
@@ -118,6 +124,12 @@ class KvdPeerServicer(kvd_pb2_grpc.KvdPeerServiceServicer):
                            context: grpc.aio.ServicerContext) -> kvd_pb2.TransferDoneResponse:
         self.core.on_transfer_done(request)
         return kvd_pb2.TransferDoneResponse()
+
+    @_mapped
+    async def CancelRoom(self, request: kvd_pb2.CancelRoomRequest,
+                         context: grpc.aio.ServicerContext) -> kvd_pb2.CancelRoomResponse:
+        await self.core.on_cancel_room(request)
+        return kvd_pb2.CancelRoomResponse()
 
     @_mapped
     async def Heartbeat(self, request: kvd_pb2.HeartbeatRequest,

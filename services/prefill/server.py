@@ -1,10 +1,12 @@
 """The prefill worker's gRPC server: PrefillService over an `EngineLoop`, plus health.
 
 Contract of `Prefill(request)` (request.disaggregation names the room and the decode node's
-kvd): run the prompt through the engine for one token, keeping its KV pages; ask the node's
-kvd to send those pages to the room (kvd waits for the decode side's bootstrap, at most
-SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT) with the first token as aux data; answer once the KV
-has landed. The pages are released on every path — sent, failed, timed out or cancelled.
+kvd): wait until the decode side has reserved the room's pages (its bootstrap reached this
+node's kvd, at most SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT) — as SGLang's bootstrap queue, so
+that no KV is computed without a destination; run the prompt through the engine for one token,
+keeping its KV pages; ask the kvd to send those pages to the room with the first token as aux
+data; answer once the KV has landed. The pages are released on every path — sent, failed,
+timed out or cancelled.
 Bad input is INVALID_ARGUMENT; a failed transfer answers the status kvd gave (RoomFailed).
 """
 
@@ -74,9 +76,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                                  "decode node's kvd address (peer_kvd_address)")
             prompt_ids = prompt_ids_from_proto(self.tokenizer, req)
             params = sampling_params_from_proto(req.sampling)
+            await self._await_bootstrap(d.room)
             first = await self._first_token(request_id, prompt_ids, params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RoomFailed as e:
+            await context.abort(e.code, str(e))
         except EngineStopped as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except EngineStepError as e:
@@ -95,6 +100,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             kv_bytes=sent.kv_bytes, transfer_seconds=sent.transfer_seconds,
             transfer_backend=sent.backend, num_descriptors=sent.num_descriptors,
         )
+
+    async def _await_bootstrap(self, room: str) -> None:
+        """Compute no KV before the decode side has reserved where it goes: KV waiting for a
+        destination would hold this pool while decode pages wait for this pool (deadlock)."""
+        try:
+            await self.pd.kvd.stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=room))
+        except grpc.aio.AioRpcError as e:
+            raise RoomFailed.from_rpc(room, e) from None
 
     async def _first_token(self, request_id: str, prompt_ids: list[int],
                            params: SamplingParams) -> RequestOutput:

@@ -288,24 +288,55 @@ def test_prefill_kvd_killed_fails_waiting_room_within_heartbeats(tmp_path):
         assert stop(proc_b) == 0
 
 
-def test_abandoned_room_keeps_pages_pinned_until_no_late_write_can_land(two_kvds):
+def test_abandoned_room_is_cancelled_at_the_prefill_kvd_before_its_pages_go(two_kvds):
+    """Once bootstrapped, the prefill side may write at any time. A room the decode worker
+    abandons is cancelled at the prefill kvd (CancelRoom) before its pages are unpinned, so a
+    late SendKv is refused there instead of writing into pages given to another request."""
     (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
 
     async def run():
         a, b = _client(sock_a), _client(sock_b)
         (pa, _), (pb, _) = await _attach(a, "late-p"), await _attach(b, "late-d")
+        sent_before = (await a.Stats(kvd_pb2.StatsRequest())).bytes_sent
         expect = asyncio.ensure_future(b.ExpectKv(kvd_pb2.ExpectKvRequest(
             pool_id=pb.pool_id, room="late", page_ids=[4, 5], peer_address=addr_a)))
-        await asyncio.sleep(0.5)  # bootstrapped: the prefill side may now write at any time
+        await asyncio.sleep(0.5)  # bootstrapped
         expect.cancel()  # the decode worker's client went away
-        await asyncio.sleep(0.2)
-        assert await _pinned(b) == 2 + 1  # two pages and the open room: a write may be coming
-        release = asyncio.ensure_future(b.ReleaseRoom(kvd_pb2.ReleaseRoomRequest(room="late")))
-        await asyncio.sleep(0.2)
-        assert not release.done()  # the worker may not reuse the pages yet
-        await a.SendKv(kvd_pb2.SendKvRequest(pool_id=pa.pool_id, room="late", page_ids=[1, 2],
+        await b.ReleaseRoom(kvd_pb2.ReleaseRoomRequest(room="late"), timeout=5)
+        assert await _pinned(b) == 0  # released at once: the prefill kvd confirmed the cancel
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await a.SendKv(kvd_pb2.SendKvRequest(pool_id=pa.pool_id, room="late",
+                                                 page_ids=[1, 2], peer_address=addr_b))
+        assert e.value.code() == grpc.StatusCode.ABORTED and "late" in e.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await a.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room="late"))
+        assert e.value.code() == grpc.StatusCode.ABORTED
+        assert await _pinned(a) == 0 and await _pinned(b) == 0
+        assert (await a.Stats(kvd_pb2.StatsRequest())).bytes_sent == sent_before  # no write
+
+    asyncio.run(run())
+
+
+def test_await_bootstrap_returns_once_the_decode_side_reserved(two_kvds):
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
+
+    async def run():
+        a, b = _client(sock_a), _client(sock_b)
+        (pa, _), (pb, _) = await _attach(a, "ab-p"), await _attach(b, "ab-d")
+        waiting = asyncio.ensure_future(a.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(
+            room="ab")))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # no destination yet: the prefill side must not compute
+        expect = asyncio.ensure_future(b.ExpectKv(kvd_pb2.ExpectKvRequest(
+            pool_id=pb.pool_id, room="ab", page_ids=[7, 8, 9], peer_address=addr_a)))
+        assert (await asyncio.wait_for(waiting, 5)).num_pages == 3
+        await a.SendKv(kvd_pb2.SendKvRequest(pool_id=pa.pool_id, room="ab", page_ids=[1, 2, 3],
                                              peer_address=addr_b))
-        assert (await release).existed
+        await expect
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await a.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room="never",
+                                                                 timeout_seconds=0.2))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert await _pinned(a) == 0 and await _pinned(b) == 0
 
     asyncio.run(run())

@@ -187,11 +187,11 @@ async def _until(predicate, timeout: float, what: str) -> None:
 @pytest.mark.parametrize("backend", ["nixl", "mooncake"])
 def test_decode_worker_killed_mid_flight(cluster):
     """The decode worker dies with rooms in three states: 8 streaming long generations, 4
-    whose prefill waits for the bootstrap (their decode legs come too late), 4 bootstrapped
-    and waiting for KV (their prefill legs come late). The prefill side gives up the first
-    4 within the bootstrap timeout, both kvds and the prefill worker hold nothing once the
-    timeouts pass, and a decode worker restarted on the node (re-attaching its pool) serves
-    new rooms with the same prefill worker."""
+    whose prefill waits for the bootstrap, computing nothing (their decode legs come too
+    late), 4 bootstrapped and waiting for KV (their prefill legs come late). The prefill side
+    gives up the first 4 within the bootstrap timeout, both kvds and the prefill worker hold
+    nothing once the timeouts pass, and a decode worker restarted on the node (re-attaching
+    its pool) serves new rooms with the same prefill worker."""
     c = cluster
     long_prompts = _prompts([20, 30] * 4, 1)
     pending_prompts, waiting_prompts = _prompts([40, 50, 60, 70], 2), _prompts([9, 19, 29, 39], 3)
@@ -216,9 +216,9 @@ def test_decode_worker_killed_mid_flight(cluster):
             c.decode, pd_request(p, 8), room, c.p.kvd_address), t_sent))
             for p, room in zip(waiting_prompts, waiting_rooms, strict=True)]
 
-        async def rooms_open():  # prefills pinned and waiting; decode pages bound to rooms
-            p, d = await kvd_stats(c.p), await kvd_stats(c.d)
-            return (p.open_rooms == len(pending) and sum(x.pinned_pages for x in p.pools) > 0
+        async def rooms_open():  # prefills wait for a destination, computing nothing
+            p, d = await kvd_stats(c.p), await kvd_stats(c.d)   # decode pages bound to rooms
+            return (p.open_rooms == len(pending) and sum(x.pinned_pages for x in p.pools) == 0
                     and d.open_rooms == len(waiting))
 
         await _until(rooms_open, 10, "the rooms to open on both nodes")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tandem/v1/kvd.proto\x12\ttandem.v1\"\x8a\x01\n\x08KvLayout\x12\x11\n\tnum_pages\x18\x01 \x01(\x05\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"K\n\x11\x41ttachPoolRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KvLayout\"d\n\x12\x41ttachPoolResponse\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x14\n\x0csegment_name\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x12\n\nreattached\x18\x04 \x01(\x08\"|\n\x07RoomAux\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\"q\n\x0f\x45xpectKvRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"E\n\x10\x45xpectKvResponse\x12\x1f\n\x03\x61ux\x18\x01 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\"\x90\x01\n\rSendKvRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12\x1f\n\x03\x61ux\x18\x05 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"{\n\x0eSendKvResponse\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fnum_descriptors\x18\x02 \x01(\x05\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x13\n\x0bqueue_shard\x18\x05 \x01(\x05\"\"\n\x12ReleaseRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"&\n\x13ReleaseRoomResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"X\n\tPoolStats\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x14\n\x0cpinned_pages\x18\x04 \x01(\x05\"\xb2\x01\n\rStatsResponse\x12#\n\x05pools\x18\x01 \x03(\x0b\x32\x14.tandem.v1.PoolStats\x12\x12\n\nopen_rooms\x18\x02 \x01(\x05\x12\x17\n\x0frooms_completed\x18\x03 \x01(\x03\x12\x14\n\x0crooms_failed\x18\x04 \x01(\x03\x12\x12\n\nbytes_sent\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x14\n\x0cpeer_address\x18\x07 \x01(\t\"c\n\x10HandshakeRequest\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61\x63kend_metadata\x18\x03 \x01(\x0c\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\"=\n\x11HandshakeResponse\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61\x63kend_metadata\x18\x02 \x01(\x0c\"\x90\x01\n\x10\x42ootstrapRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x16\n\x0epool_base_addr\x18\x05 \x01(\x03\x12\x10\n\x08page_ids\x18\x06 \x03(\x05\"\x13\n\x11\x42ootstrapResponse\"u\n\x13TransferDoneRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\x12\x1f\n\x03\x61ux\x18\x03 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x16\n\x14TransferDoneResponse\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\"#\n\x11HeartbeatResponse\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t2\xe5\x02\n\nKvdService\x12I\n\nAttachPool\x12\x1c.tandem.v1.AttachPoolRequest\x1a\x1d.tandem.v1.AttachPoolResponse\x12\x43\n\x08\x45xpectKv\x12\x1a.tandem.v1.ExpectKvRequest\x1a\x1b.tandem.v1.ExpectKvResponse\x12=\n\x06SendKv\x12\x18.tandem.v1.SendKvRequest\x1a\x19.tandem.v1.SendKvResponse\x12L\n\x0bReleaseRoom\x12\x1d.tandem.v1.ReleaseRoomRequest\x1a\x1e.tandem.v1.ReleaseRoomResponse\x12:\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x18.tandem.v1.StatsResponse2\xb9\x02\n\x0eKvdPeerService\x12\x46\n\tHandshake\x12\x1b.tandem.v1.HandshakeRequest\x1a\x1c.tandem.v1.HandshakeResponse\x12\x46\n\tBootstrap\x12\x1b.tandem.v1.BootstrapRequest\x1a\x1c.tandem.v1.BootstrapResponse\x12O\n\x0cTransferDone\x12\x1e.tandem.v1.TransferDoneRequest\x1a\x1f.tandem.v1.TransferDoneResponse\x12\x46\n\tHeartbeat\x12\x1b.tandem.v1.HeartbeatRequest\x1a\x1c.tandem.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tandem/v1/kvd.proto\x12\ttandem.v1\"\x8a\x01\n\x08KvLayout\x12\x11\n\tnum_pages\x18\x01 \x01(\x05\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"K\n\x11\x41ttachPoolRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KvLayout\"d\n\x12\x41ttachPoolResponse\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x14\n\x0csegment_name\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x12\n\nreattached\x18\x04 \x01(\x08\"|\n\x07RoomAux\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\"q\n\x0f\x45xpectKvRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"E\n\x10\x45xpectKvResponse\x12\x1f\n\x03\x61ux\x18\x01 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\">\n\x15\x41waitBootstrapRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"+\n\x16\x41waitBootstrapResponse\x12\x11\n\tnum_pages\x18\x01 \x01(\x05\"\x90\x01\n\rSendKvRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12\x1f\n\x03\x61ux\x18\x05 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"{\n\x0eSendKvResponse\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fnum_descriptors\x18\x02 \x01(\x05\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x13\n\x0bqueue_shard\x18\x05 \x01(\x05\"\"\n\x12ReleaseRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"&\n\x13ReleaseRoomResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"X\n\tPoolStats\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x14\n\x0cpinned_pages\x18\x04 \x01(\x05\"\xb2\x01\n\rStatsResponse\x12#\n\x05pools\x18\x01 \x03(\x0b\x32\x14.tandem.v1.PoolStats\x12\x12\n\nopen_rooms\x18\x02 \x01(\x05\x12\x17\n\x0frooms_completed\x18\x03 \x01(\x03\x12\x14\n\x0crooms_failed\x18\x04 \x01(\x03\x12\x12\n\nbytes_sent\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x14\n\x0cpeer_address\x18\x07 \x01(\t\"c\n\x10HandshakeRequest\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61\x63kend_metadata\x18\x03 \x01(\x0c\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\"=\n\x11HandshakeResponse\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61\x63kend_metadata\x18\x02 \x01(\x0c\"\x90\x01\n\x10\x42ootstrapRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x16\n\x0epool_base_addr\x18\x05 \x01(\x03\x12\x10\n\x08page_ids\x18\x06 \x03(\x05\"\x13\n\x11\x42ootstrapResponse\"u\n\x13TransferDoneRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\x12\x1f\n\x03\x61ux\x18\x03 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x16\n\x14TransferDoneResponse\"1\n\x11\x43\x61ncelRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\"\x14\n\x12\x43\x61ncelRoomResponse\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\"#\n\x11HeartbeatResponse\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t2\xbc\x03\n\nKvdService\x12I\n\nAttachPool\x12\x1c.tandem.v1.AttachPoolRequest\x1a\x1d.tandem.v1.AttachPoolResponse\x12\x43\n\x08\x45xpectKv\x12\x1a.tandem.v1.ExpectKvRequest\x1a\x1b.tandem.v1.ExpectKvResponse\x12U\n\x0e\x41waitBootstrap\x12 .tandem.v1.AwaitBootstrapRequest\x1a!.tandem.v1.AwaitBootstrapResponse\x12=\n\x06SendKv\x12\x18.tandem.v1.SendKvRequest\x1a\x19.tandem.v1.SendKvResponse\x12L\n\x0bReleaseRoom\x12\x1d.tandem.v1.ReleaseRoomRequest\x1a\x1e.tandem.v1.ReleaseRoomResponse\x12:\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x18.tandem.v1.StatsResponse2\x84\x03\n\x0eKvdPeerService\x12\x46\n\tHandshake\x12\x1b.tandem.v1.HandshakeRequest\x1a\x1c.tandem.v1.HandshakeResponse\x12\x46\n\tBootstrap\x12\x1b.tandem.v1.BootstrapRequest\x1a\x1c.tandem.v1.BootstrapResponse\x12O\n\x0cTransferDone\x12\x1e.tandem.v1.TransferDoneRequest\x1a\x1f.tandem.v1.TransferDoneResponse\x12I\n\nCancelRoom\x12\x1c.tandem.v1.CancelRoomRequest\x1a\x1d.tandem.v1.CancelRoomResponse\x12\x46\n\tHeartbeat\x12\x1b.tandem.v1.HeartbeatRequest\x1a\x1c.tandem.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,38 +43,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPECTKVREQUEST']._serialized_end=593
   _globals['_EXPECTKVRESPONSE']._serialized_start=595
   _globals['_EXPECTKVRESPONSE']._serialized_end=664
-  _globals['_SENDKVREQUEST']._serialized_start=667
-  _globals['_SENDKVREQUEST']._serialized_end=811
-  _globals['_SENDKVRESPONSE']._serialized_start=813
-  _globals['_SENDKVRESPONSE']._serialized_end=936
-  _globals['_RELEASEROOMREQUEST']._serialized_start=938
-  _globals['_RELEASEROOMREQUEST']._serialized_end=972
-  _globals['_RELEASEROOMRESPONSE']._serialized_start=974
-  _globals['_RELEASEROOMRESPONSE']._serialized_end=1012
-  _globals['_STATSREQUEST']._serialized_start=1014
-  _globals['_STATSREQUEST']._serialized_end=1028
-  _globals['_POOLSTATS']._serialized_start=1030
-  _globals['_POOLSTATS']._serialized_end=1118
-  _globals['_STATSRESPONSE']._serialized_start=1121
-  _globals['_STATSRESPONSE']._serialized_end=1299
-  _globals['_HANDSHAKEREQUEST']._serialized_start=1301
-  _globals['_HANDSHAKEREQUEST']._serialized_end=1400
-  _globals['_HANDSHAKERESPONSE']._serialized_start=1402
-  _globals['_HANDSHAKERESPONSE']._serialized_end=1463
-  _globals['_BOOTSTRAPREQUEST']._serialized_start=1466
-  _globals['_BOOTSTRAPREQUEST']._serialized_end=1610
-  _globals['_BOOTSTRAPRESPONSE']._serialized_start=1612
-  _globals['_BOOTSTRAPRESPONSE']._serialized_end=1631
-  _globals['_TRANSFERDONEREQUEST']._serialized_start=1633
-  _globals['_TRANSFERDONEREQUEST']._serialized_end=1750
-  _globals['_TRANSFERDONERESPONSE']._serialized_start=1752
-  _globals['_TRANSFERDONERESPONSE']._serialized_end=1774
-  _globals['_HEARTBEATREQUEST']._serialized_start=1776
-  _globals['_HEARTBEATREQUEST']._serialized_end=1810
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1812
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1847
-  _globals['_KVDSERVICE']._serialized_start=1850
-  _globals['_KVDSERVICE']._serialized_end=2207
-  _globals['_KVDPEERSERVICE']._serialized_start=2210
-  _globals['_KVDPEERSERVICE']._serialized_end=2523
+  _globals['_AWAITBOOTSTRAPREQUEST']._serialized_start=666
+  _globals['_AWAITBOOTSTRAPREQUEST']._serialized_end=728
+  _globals['_AWAITBOOTSTRAPRESPONSE']._serialized_start=730
+  _globals['_AWAITBOOTSTRAPRESPONSE']._serialized_end=773
+  _globals['_SENDKVREQUEST']._serialized_start=776
+  _globals['_SENDKVREQUEST']._serialized_end=920
+  _globals['_SENDKVRESPONSE']._serialized_start=922
+  _globals['_SENDKVRESPONSE']._serialized_end=1045
+  _globals['_RELEASEROOMREQUEST']._serialized_start=1047
+  _globals['_RELEASEROOMREQUEST']._serialized_end=1081
+  _globals['_RELEASEROOMRESPONSE']._serialized_start=1083
+  _globals['_RELEASEROOMRESPONSE']._serialized_end=1121
+  _globals['_STATSREQUEST']._serialized_start=1123
+  _globals['_STATSREQUEST']._serialized_end=1137
+  _globals['_POOLSTATS']._serialized_start=1139
+  _globals['_POOLSTATS']._serialized_end=1227
+  _globals['_STATSRESPONSE']._serialized_start=1230
+  _globals['_STATSRESPONSE']._serialized_end=1408
+  _globals['_HANDSHAKEREQUEST']._serialized_start=1410
+  _globals['_HANDSHAKEREQUEST']._serialized_end=1509
+  _globals['_HANDSHAKERESPONSE']._serialized_start=1511
+  _globals['_HANDSHAKERESPONSE']._serialized_end=1572
+  _globals['_BOOTSTRAPREQUEST']._serialized_start=1575
+  _globals['_BOOTSTRAPREQUEST']._serialized_end=1719
+  _globals['_BOOTSTRAPRESPONSE']._serialized_start=1721
+  _globals['_BOOTSTRAPRESPONSE']._serialized_end=1740
+  _globals['_TRANSFERDONEREQUEST']._serialized_start=1742
+  _globals['_TRANSFERDONEREQUEST']._serialized_end=1859
+  _globals['_TRANSFERDONERESPONSE']._serialized_start=1861
+  _globals['_TRANSFERDONERESPONSE']._serialized_end=1883
+  _globals['_CANCELROOMREQUEST']._serialized_start=1885
+  _globals['_CANCELROOMREQUEST']._serialized_end=1934
+  _globals['_CANCELROOMRESPONSE']._serialized_start=1936
+  _globals['_CANCELROOMRESPONSE']._serialized_end=1956
+  _globals['_HEARTBEATREQUEST']._serialized_start=1958
+  _globals['_HEARTBEATREQUEST']._serialized_end=1992
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1994
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2029
+  _globals['_KVDSERVICE']._serialized_start=2032
+  _globals['_KVDSERVICE']._serialized_end=2476
+  _globals['_KVDPEERSERVICE']._serialized_start=2479
+  _globals['_KVDPEERSERVICE']._serialized_end=2867
 # @@protoc_insertion_point(module_scope)

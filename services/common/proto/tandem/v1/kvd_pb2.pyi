@@ -80,6 +80,20 @@ class ExpectKvResponse(_message.Message):
     kv_bytes: int
     def __init__(self, aux: _Optional[_Union[RoomAux, _Mapping]] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
+class AwaitBootstrapRequest(_message.Message):
+    __slots__ = ("room", "timeout_seconds")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    timeout_seconds: float
+    def __init__(self, room: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class AwaitBootstrapResponse(_message.Message):
+    __slots__ = ("num_pages",)
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    num_pages: int
+    def __init__(self, num_pages: _Optional[int] = ...) -> None: ...
+
 class SendKvRequest(_message.Message):
     __slots__ = ("pool_id", "room", "page_ids", "peer_address", "aux", "timeout_seconds")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +225,18 @@ class TransferDoneRequest(_message.Message):
     def __init__(self, room: _Optional[str] = ..., kvd_id: _Optional[str] = ..., aux: _Optional[_Union[RoomAux, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class TransferDoneResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CancelRoomRequest(_message.Message):
+    __slots__ = ("room", "kvd_id")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    KVD_ID_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    kvd_id: str
+    def __init__(self, room: _Optional[str] = ..., kvd_id: _Optional[str] = ...) -> None: ...
+
+class CancelRoomResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -44,6 +44,11 @@ class KvdServiceStub:
                 request_serializer=tandem_dot_v1_dot_kvd__pb2.ExpectKvRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_kvd__pb2.ExpectKvResponse.FromString,
                 _registered_method=True)
+        self.AwaitBootstrap = channel.unary_unary(
+                '/tandem.v1.KvdService/AwaitBootstrap',
+                request_serializer=tandem_dot_v1_dot_kvd__pb2.AwaitBootstrapRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_kvd__pb2.AwaitBootstrapResponse.FromString,
+                _registered_method=True)
         self.SendKv = channel.unary_unary(
                 '/tandem.v1.KvdService/SendKv',
                 request_serializer=tandem_dot_v1_dot_kvd__pb2.SendKvRequest.SerializeToString,
@@ -71,6 +76,12 @@ class KvdServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExpectKv(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwaitBootstrap(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +117,11 @@ def add_KvdServiceServicer_to_server(servicer, server):
                     servicer.ExpectKv,
                     request_deserializer=tandem_dot_v1_dot_kvd__pb2.ExpectKvRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_kvd__pb2.ExpectKvResponse.SerializeToString,
+            ),
+            'AwaitBootstrap': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitBootstrap,
+                    request_deserializer=tandem_dot_v1_dot_kvd__pb2.AwaitBootstrapRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_kvd__pb2.AwaitBootstrapResponse.SerializeToString,
             ),
             'SendKv': grpc.unary_unary_rpc_method_handler(
                     servicer.SendKv,
@@ -177,6 +193,33 @@ class KvdService:
             '/tandem.v1.KvdService/ExpectKv',
             tandem_dot_v1_dot_kvd__pb2.ExpectKvRequest.SerializeToString,
             tandem_dot_v1_dot_kvd__pb2.ExpectKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitBootstrap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KvdService/AwaitBootstrap',
+            tandem_dot_v1_dot_kvd__pb2.AwaitBootstrapRequest.SerializeToString,
+            tandem_dot_v1_dot_kvd__pb2.AwaitBootstrapResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -293,6 +336,11 @@ class KvdPeerServiceStub:
                 request_serializer=tandem_dot_v1_dot_kvd__pb2.TransferDoneRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_kvd__pb2.TransferDoneResponse.FromString,
                 _registered_method=True)
+        self.CancelRoom = channel.unary_unary(
+                '/tandem.v1.KvdPeerService/CancelRoom',
+                request_serializer=tandem_dot_v1_dot_kvd__pb2.CancelRoomRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_kvd__pb2.CancelRoomResponse.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/tandem.v1.KvdPeerService/Heartbeat',
                 request_serializer=tandem_dot_v1_dot_kvd__pb2.HeartbeatRequest.SerializeToString,
@@ -321,6 +369,12 @@ class KvdPeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelRoom(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -344,6 +398,11 @@ def add_KvdPeerServiceServicer_to_server(servicer, server):
                     servicer.TransferDone,
                     request_deserializer=tandem_dot_v1_dot_kvd__pb2.TransferDoneRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_kvd__pb2.TransferDoneResponse.SerializeToString,
+            ),
+            'CancelRoom': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRoom,
+                    request_deserializer=tandem_dot_v1_dot_kvd__pb2.CancelRoomRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_kvd__pb2.CancelRoomResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -432,6 +491,33 @@ class KvdPeerService:
             '/tandem.v1.KvdPeerService/TransferDone',
             tandem_dot_v1_dot_kvd__pb2.TransferDoneRequest.SerializeToString,
             tandem_dot_v1_dot_kvd__pb2.TransferDoneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRoom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.KvdPeerService/CancelRoom',
+            tandem_dot_v1_dot_kvd__pb2.CancelRoomRequest.SerializeToString,
+            tandem_dot_v1_dot_kvd__pb2.CancelRoomResponse.FromString,
             options,
             channel_credentials,
             insecure,
