@@ -93,8 +93,9 @@ class Router:
                 w.in_flight += 1
             yielded = False
             try:
-                legs = (self._pd_attempt(request, *picked, deadline) if self.pd
-                        else self._unified_attempt(request, picked[0], deadline))
+                this = _attempt_request(request, attempt)
+                legs = (self._pd_attempt(this, *picked, deadline) if self.pd
+                        else self._unified_attempt(this, picked[0], deadline))
                 async with contextlib.aclosing(legs) as responses:
                     async for response in responses:
                         yielded = True
@@ -238,6 +239,18 @@ class Router:
         except grpc.aio.AioRpcError as e:
             worker.mark_failed(f"{reason}; health check: {e.code().name}")
 
+
+
+def _attempt_request(request: worker_pb2.GenerateRequest,
+                     attempt: int) -> worker_pb2.GenerateRequest:
+    """A retry gets its own request id: the failed attempt may still be aborting under the old
+    one on the same worker."""
+    if attempt == 0:
+        return request
+    copy = worker_pb2.GenerateRequest()
+    copy.CopyFrom(request)
+    copy.request_id = f"{request.request_id}.retry{attempt}"
+    return copy
 
 
 def _with_room(request: worker_pb2.GenerateRequest, room: str,
