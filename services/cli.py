@@ -14,7 +14,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("services.engine.generate_cli", "run prompts through the engine, offline"),
     "serve": ("services.cli:serve", "run a worker: unified (null), prefill or decode"),
+    "gateway": ("services.gateway.__main__", "the OpenAI-compatible HTTP gateway and PD router"),
     "kvd": ("services.kvd.__main__", "run the node's KV daemon (workers start one if needed)"),
+    "bench": ("services.bench.__main__", "benchmark a server: latency percentiles, goodput"),
 }
 
 # --disaggregation-mode -> the package whose __main__ serves it
