@@ -50,13 +50,15 @@ class RoomFailed(RuntimeError):
         return cls(code, f"KV transfer of room {room!r} failed: {error.details()}")
 
 
-def _is_serving(socket_path: str) -> bool:
+def kvd_is_serving(socket_path: str, timeout: float = 10.0) -> bool:
+    """Whether a kvd answers SERVING on the socket. A kvd that is there but slow to answer (a
+    loaded machine) is waited for, up to `timeout`: taking it for absent would start a second."""
     if not os.path.exists(socket_path):
         return False
     with grpc.insecure_channel(f"unix:{socket_path}") as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                              timeout=2.0)
+                                                              timeout=timeout)
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -73,7 +75,12 @@ def ensure_kvd(socket_path: str, host: str, port: int, backend: str, ib_device: 
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     with grpc.insecure_channel(f"unix:{socket_path}") as channel:
-        stats = kvd_pb2_grpc.KvdServiceStub(channel).Stats(kvd_pb2.StatsRequest(), timeout=5.0)
+        try:
+            stats = kvd_pb2_grpc.KvdServiceStub(channel).Stats(kvd_pb2.StatsRequest(),
+                                                               timeout=timeout)
+        except grpc.RpcError as e:
+            raise KvdUnavailable(f"the kvd on unix:{socket_path} does not answer: "
+                                 f"{e.code().name}: {e.details()}") from None
     if stats.backend != backend:
         raise KvdUnavailable(
             f"the kvd on unix:{socket_path} uses transfer backend {stats.backend!r}, this "
@@ -85,7 +92,7 @@ def ensure_kvd(socket_path: str, host: str, port: int, backend: str, ib_device: 
 
 def _start_kvd_unless_serving(socket_path: str, host: str, port: int, backend: str,
                               ib_device: str | None, timeout: float) -> None:
-    if not _is_serving(socket_path):
+    if not kvd_is_serving(socket_path):
         log_path = f"{socket_path}.log"
         args = [sys.executable, "-m", "services.kvd", "--socket", socket_path, "--host", host,
                 "--port", str(port), "--backend", backend]
@@ -97,7 +104,7 @@ def _start_kvd_unless_serving(socket_path: str, host: str, port: int, backend: s
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     env={**os.environ, "UCX_MODULES": "^ib"})
         deadline = time.monotonic() + timeout
-        while not _is_serving(socket_path):
+        while not kvd_is_serving(socket_path):
             if proc.poll() is not None:
                 raise KvdUnavailable(f"kvd exited with status {proc.returncode} at start: "
                                      f"{_tail(log_path)}")

@@ -16,6 +16,7 @@ an open room:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mmap
 from dataclasses import dataclass, field
@@ -104,28 +105,35 @@ class PoolRegistry:
         self._backends = backends  # each registers every pool once
         self._by_id: dict[str, Pool] = {}
         self._by_worker: dict[str, Pool] = {}
+        self._attach_lock = asyncio.Lock()
 
-    def attach(self, worker_id: str, layout: PoolLayout) -> tuple[Pool, bool]:
-        """The worker's pool and whether it already existed."""
+    async def attach(self, worker_id: str, layout: PoolLayout) -> tuple[Pool, bool]:
+        """The worker's pool and whether it already existed. A new pool is created, committed
+        and registered on a thread (seconds for GBs): health checks and rooms of other pools
+        keep being answered meanwhile. Attaches are serialized."""
         if not worker_id or "/" in worker_id:
             raise ValueError(f"worker_id must be a non-empty name without '/', got {worker_id!r}")
-        pool = self._by_worker.get(worker_id)
-        if pool is not None:
-            if pool.layout != layout:
-                raise ValueError(f"worker {worker_id} re-attached with layout {layout}, "
-                                 f"but its pool has {pool.layout}")
-            return pool, True
+        async with self._attach_lock:
+            pool = self._by_worker.get(worker_id)
+            if pool is not None:
+                if pool.layout != layout:
+                    raise ValueError(f"worker {worker_id} re-attached with layout {layout}, "
+                                     f"but its pool has {pool.layout}")
+                return pool, True
+            pool = await asyncio.to_thread(self._create, worker_id, layout)
+            self._by_id[pool.pool_id] = pool
+            self._by_worker[worker_id] = pool
+        logger.info("pool %s: %d pages of %d bytes for worker %s", pool.pool_id,
+                    layout.num_pages, layout.page_bytes, worker_id)
+        return pool, False
+
+    def _create(self, worker_id: str, layout: PoolLayout) -> Pool:
         pool_id = f"{self._kvd_name}-{worker_id}"
         buffer = create_segment(pool_id, layout.total_bytes)
         base = buffer_address(buffer)
         for backend in self._backends:
             backend.register(base, layout.total_bytes)
-        pool = Pool(pool_id, worker_id, layout, pool_id, buffer, base)
-        self._by_id[pool_id] = pool
-        self._by_worker[worker_id] = pool
-        logger.info("pool %s: %d pages of %d bytes for worker %s", pool_id, layout.num_pages,
-                    layout.page_bytes, worker_id)
-        return pool, False
+        return Pool(pool_id, worker_id, layout, pool_id, buffer, base)
 
     def get(self, pool_id: str) -> Pool:
         try:

@@ -61,7 +61,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
     @_mapped
     async def AttachPool(self, request: kvd_pb2.AttachPoolRequest,
                          context: grpc.aio.ServicerContext) -> kvd_pb2.AttachPoolResponse:
-        pool, reattached = self.core.pools.attach(request.worker_id,
+        pool, reattached = await self.core.pools.attach(request.worker_id,
                                                   PoolLayout.from_proto(request.layout))
         return kvd_pb2.AttachPoolResponse(pool_id=pool.pool_id, segment_name=pool.segment_name,
                                           total_bytes=pool.layout.total_bytes,
@@ -159,9 +159,15 @@ class KvdServer:
         kvd_pb2_grpc.add_KvdPeerServiceServicer_to_server(KvdPeerServicer(self.core), self._peer)
         for server in (self._local, self._peer):
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self._local.add_insecure_port(f"unix:{self.config.socket}")
-        if self._peer.add_insecure_port(self.config.peer_address) == 0:
-            raise OSError(f"kvd: cannot listen on {self.config.peer_address}")
+        for server, address, flags in (
+                (self._local, f"unix:{self.config.socket}", "--socket"),
+                (self._peer, self.config.peer_address, "--host/--port")):
+            try:
+                bound = server.add_insecure_port(address)
+            except RuntimeError:  # grpcio >= 1.8x raises instead of returning 0
+                bound = 0
+            if bound == 0:
+                raise OSError(f"cannot listen on {address} ({flags}; in use by another kvd?)")
         await self._local.start()
         await self._peer.start()
         self._heartbeats = asyncio.create_task(self.core.heartbeat_loop())
