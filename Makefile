@@ -10,7 +10,7 @@ TRANSFER_PKGS := nixl==1.5.1 mooncake-transfer-engine-non-cuda==0.3.13.post1
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test lint clean
+.PHONY: install test lint serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ install: $(STAMP)
 test: install
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# kvd, a prefill worker, a decode worker and the gateway (127.0.0.1:8000) on the embedded model;
+# Ctrl-C stops them all. SERVE_ARGS="--model-path DIR --port 8080" to change.
+SERVE_ARGS ?=
+serve: install
+	$(BIN)/tandem stack $(SERVE_ARGS)
 
 lint: install
 	$(BIN)/python -m pip install -q ruff

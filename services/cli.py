@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("services.cli:serve", "run a worker: unified (null), prefill or decode"),
     "gateway": ("services.gateway.__main__", "the OpenAI-compatible HTTP gateway and PD router"),
     "kvd": ("services.kvd.__main__", "run the node's KV daemon (workers start one if needed)"),
+    "stack": ("services.stack", "kvd, prefill, decode and gateway together on this machine"),
     "bench": ("services.bench.__main__", "benchmark a server: latency percentiles, goodput"),
 }
 

@@ -21,7 +21,16 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def default_kvd_socket() -> str:
-    return f"/tmp/tandem-kvd-{os.getuid()}.sock"
+    """$TANDEM_KVD_SOCKET, else one socket per user on this machine."""
+    return os.environ.get("TANDEM_KVD_SOCKET") or f"/tmp/tandem-kvd-{os.getuid()}.sock"
+
+
+def default_kvd_port() -> int:
+    """$TANDEM_KVD_PORT, else 17000."""
+    value = os.environ.get("TANDEM_KVD_PORT") or "17000"
+    if not value.isdigit():
+        raise ValueError(f"TANDEM_KVD_PORT={value!r} is not a port number")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +62,7 @@ class ServeConfig:
     disable_prefix_cache: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu (the server decides)
     kvd_socket: str = field(default_factory=default_kvd_socket)  # this node's kvd (PD modes)
-    kvd_port: int = 17000  # kvd's TCP peer port
+    kvd_port: int = field(default_factory=default_kvd_port)  # kvd's TCP peer port
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -148,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         "num_kv_pages": "KV pool size in pages (default 2048 on CPU; --mem-fraction-static "
                         "sizes it on GPU)",
         "device": "auto: cuda if available, else cpu",
-        "kvd_socket": "unix socket of this node's kvd (PD modes)",
-        "kvd_port": "TCP peer port of this node's kvd (PD modes)",
+        "kvd_socket": "unix socket of this node's kvd (PD modes; default $TANDEM_KVD_SOCKET or "
+                      "/tmp/tandem-kvd-UID.sock)",
+        "kvd_port": "TCP peer port of this node's kvd (PD modes; default $TANDEM_KVD_PORT or "
+                    "17000)",
         "served_model_name": "model name reported to clients (default: folder or file name)",
     }
     choices = {"disaggregation_mode": MODES, "disaggregation_transfer_backend": TRANSFER_BACKENDS,
