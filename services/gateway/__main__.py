@@ -7,6 +7,7 @@ until each role has a worker in rotation (`/health` says which role is missing).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import socket
@@ -45,7 +46,8 @@ async def serve(config: GatewayConfig) -> int:
     app = build_app(router, metrics, config.api_key, config.max_payload_bytes)
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level,
-        access_log=False, timeout_graceful_shutdown=30, lifespan="off"))
+        access_log=False, timeout_graceful_shutdown=30, lifespan="off",
+        http="httptools" if _has("httptools") else "h11"))
     try:
         sock = _listen(config.host, config.port)
     except OSError as e:
@@ -64,6 +66,10 @@ async def serve(config: GatewayConfig) -> int:
             for worker in group.workers:
                 await worker.close()
     return 0
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -88,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s gateway[{os.getpid()}] %(levelname)s %(name)s: "
                                "%(message)s")
+    if _has("uvloop"):  # a faster event loop; grpc.aio runs on it
+        import uvloop
+        return uvloop.run(serve(config))
     return asyncio.run(serve(config))
 
 

@@ -1,4 +1,4 @@
-"""The gateway's HTTP API (FastAPI): OpenAI's chat and text completions, models, health, metrics.
+"""The gateway's HTTP API (Starlette): OpenAI's chat and text completions, models, health, metrics.
 
 Contract:
 - `POST /v1/chat/completions`, `POST /v1/completions`: OpenAI bodies (see `protocol`), answered
@@ -24,9 +24,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from services.common.proto.tandem.v1 import worker_pb2
 from services.gateway.errors import APIError
@@ -76,34 +79,54 @@ class _Timing:
         self.last[index] = now
 
 
-def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = None,
-              max_payload_bytes: int = 256 * 1024 * 1024) -> FastAPI:
-    app = FastAPI(title="Tandem gateway", docs_url=None, redoc_url=None, openapi_url=None)
+_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 
-    @app.exception_handler(APIError)
+
+class _AuthAndCount:
+    """ASGI middleware for /v1/*: the API key check, and requests counted by endpoint and
+    status. Plain ASGI: Starlette's BaseHTTPMiddleware costs about a millisecond a request."""
+
+    def __init__(self, app, api_key: str | None, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        endpoint = path if path in _ENDPOINTS else (
+            "/v1/models/{id}" if path.startswith("/v1/models/") else "/v1/other")
+        if self.expected is not None:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(
+                    b"Bearer " + token.strip(), self.expected):
+                self.metrics.requests.labels(endpoint, "401").inc()
+                error = APIError(401, "Incorrect or missing API key: send "
+                                 "`Authorization: Bearer <key>`", code="invalid_api_key")
+                await _error_response(error)(scope, receive, send)
+                return
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = None,
+              max_payload_bytes: int = 256 * 1024 * 1024) -> Starlette:
+    """Plain Starlette routes: FastAPI's per-request dependency solving costs time on the hot
+    path and buys nothing here (bodies are validated by `protocol`)."""
+
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         return _error_response(error)
 
-    @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return _error_response(APIError(error.status_code, str(error.detail)))
-
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key is not None and path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                     api_key.encode()):
-                error = APIError(401, "Incorrect or missing API key: send "
-                                 "`Authorization: Bearer <key>`", code="invalid_api_key")
-                metrics.requests.labels(path, "401").inc()
-                return _error_response(error)
-        response = await call_next(request)
-        if path.startswith("/v1/"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
 
     async def _body(request: Request) -> object:
         length = request.headers.get("content-length")
@@ -126,12 +149,10 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
             default_max_tokens(job, served[job.model].max_model_len)
         return job
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         job = _prepare(parse_chat(await _body(request)))
         return await _answer(request, job, "/v1/chat/completions")
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         job = _prepare(parse_completion(await _body(request)))
         return await _answer(request, job, "/v1/completions")
@@ -148,6 +169,8 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
                         choices[index].add(r)
                 return full_response(job, choices)
             body = await _cancel_on_disconnect(request, collect(), metrics)
+            if body is _GONE:
+                return Response(status_code=499)
             _finish(metrics, endpoint, timing, choices)
             return JSONResponse(body)
         # streaming: wait for the first response so that early failures keep their status
@@ -156,39 +179,46 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
         except BaseException:
             await events.aclose()
             raise
+        if first is _GONE:
+            await events.aclose()
+            return Response(status_code=499)
         stream = _stream(job, events, first, choices, timing, metrics, endpoint)
         return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list",
-                "data": [_model_card(name, info) for name, info in router.models().items()]}
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            _model_card(name, info) for name, info in router.models().items()]})
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict:
+    async def model(request: Request) -> JSONResponse:
+        model_id = request.path_params["model_id"]
         served = router.models()
         if model_id not in served:
             raise APIError(404, f"The model {model_id!r} does not exist", param="model",
                            code="model_not_found")
-        return _model_card(model_id, served[model_id])
+        return JSONResponse(_model_card(model_id, served[model_id]))
 
-    @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> JSONResponse:
         if router.unready_roles():
             raise _not_ready(router)
-        return {"status": "ok", "roles": {r: len(router.groups[r].healthy())
-                                          for r in router.roles}}
+        return JSONResponse({"status": "ok", "roles": {r: len(router.groups[r].healthy())
+                                                        for r in router.roles}})
 
-    @app.get("/liveness")
-    async def liveness() -> dict:
-        return {"status": "ok"}
+    async def liveness(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
         return PlainTextResponse(metrics.exposition(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return app
+    routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/models", models), Route("/v1/models/{model_id:path}", model),
+              Route("/health", health), Route("/liveness", liveness),
+              Route("/metrics", prometheus)]
+    return Starlette(routes=routes,
+                     middleware=[Middleware(_AuthAndCount, api_key=api_key, metrics=metrics)],
+                     exception_handlers={APIError: _api_error,
+                                         StarletteHTTPException: _http_error})
 
 
 def _not_ready(router: Router) -> APIError:
@@ -283,8 +313,11 @@ async def _stream(job: Job, events: AsyncIterator, first: tuple | None, choices:
     yield b"data: [DONE]\n\n"
 
 
+_GONE = object()  # the client disconnected
+
+
 async def _cancel_on_disconnect(request: Request, work, metrics: GatewayMetrics):
-    """Await `work`, cancelling it if the client disconnects first."""
+    """Await `work`; `_GONE` if the client disconnected first (then `work` is cancelled)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
@@ -294,7 +327,7 @@ async def _cancel_on_disconnect(request: Request, work, metrics: GatewayMetrics)
             metrics.cancellations.inc()
             with contextlib.suppress(BaseException):
                 await task
-            return Response(status_code=499)
+            return _GONE
         return task.result()
     finally:
         watcher.cancel()
