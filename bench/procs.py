@@ -1,0 +1,88 @@
+"""Processes for benchmarks: start, wait until healthy, stop. (Benchmarks do not import tests.)
+
+Contract: `start` runs `python ARGS` with output to a log file; the child gets SIGKILL if the
+benchmark dies. `wait_grpc` / `wait_http` return once the target answers healthy, raising with
+the log's tail if the process exited or `timeout` passed. `stop` sends SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-1500:]
+    except OSError:
+        return ""
+
+
+def _wait(ready, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not healthy within {timeout}s:\n{_tail(log)}")
+        time.sleep(0.1)
+
+
+def wait_grpc(target: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    def ready() -> bool:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2.0)
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    _wait(ready, proc, log, target, timeout)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    def ready() -> bool:
+        try:
+            return httpx.get(url, timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+    _wait(ready, proc, log, url, timeout)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
