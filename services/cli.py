@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("services.gateway.__main__", "the OpenAI-compatible HTTP gateway and PD router"),
     "kvd": ("services.kvd.__main__", "run the node's KV daemon (workers start one if needed)"),
     "stack": ("services.stack", "kvd, prefill, decode and gateway together on this machine"),
+    "profile": ("services.profile_cli", "start/stop the torch profiler on workers"),
     "bench": ("services.bench.__main__", "benchmark a server: latency percentiles, goodput"),
 }
 

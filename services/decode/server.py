@@ -32,7 +32,8 @@ from services.common.convert import (
 from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind, serve_until_signal
 from services.common.kvd_client import RoomFailed
-from services.common.proto.tandem.v1 import worker_pb2, worker_pb2_grpc
+from services.common.profiler import ProfilerServicer
+from services.common.proto.tandem.v1 import profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.serve_config import ServeConfig
 from services.engine.engine import LLMEngine
 from services.engine.engine_loop import EngineLoop, EngineStepError, EngineStopped
@@ -134,7 +135,11 @@ class Worker:
         health_servicer = health.aio.HealthServicer()
         worker_pb2_grpc.add_GenerateServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        mode = "unified" if config.disaggregation_mode == "null" else config.disaggregation_mode
+        profiler = ProfilerServicer(engine, mode, self.device)
+        profiler_pb2_grpc.add_ProfilerServiceServicer_to_server(profiler, server)
         port = bind(server, config.host, config.port)
+        profiler.name = f"{profiler.name}-{port}"  # its trace files' prefix
         engine.start()
         banner = (f"serving {servicer.model_name} ({config.disaggregation_mode}) on "
                   f"{config.host}:{port}")

@@ -185,6 +185,11 @@ class EngineLoop:
     async def load(self) -> EngineLoad:
         return await self._call(self._on_load)
 
+    async def run_on_engine_thread(self, fn: Callable[[LLMEngine], T]) -> T:
+        """`fn(engine)` between two steps, on the engine's own thread — for what must happen
+        there (the torch profiler records the thread that starts it)."""
+        return await self._call(fn)
+
     # --- crossing threads ------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[LLMEngine], T]) -> T:

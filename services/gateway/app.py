@@ -7,10 +7,12 @@ Contract:
   its real status (400, 404, 503, ...) rather than a 200 stream holding an error; a failure
   after that is one `data: {"error": ...}` event before `[DONE]`.
 - `GET /v1/models`, `GET /v1/models/{id}`: the models every role can serve now.
+- `POST /start_profile`, `POST /stop_profile`: the torch profiler on chosen workers (see
+  `profiling`).
 - `GET /health`: 200 when every role has a worker in rotation, else 503 naming the role;
   `GET /liveness`: 200 while the process runs; `GET /metrics`: Prometheus text.
 - Every error is `{"error": {"message", "type", "param", "code"}}`. With an API key, `/v1/*`
-  needs `Authorization: Bearer KEY` (401 otherwise).
+  and the profiling endpoints need `Authorization: Bearer KEY` (401 otherwise).
 - A client that disconnects cancels its request's legs on every worker (streaming or not).
 """
 
@@ -32,6 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from services.common.proto.tandem.v1 import worker_pb2
+from services.gateway import profiling
 from services.gateway.errors import APIError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.protocol import (
@@ -80,11 +83,13 @@ class _Timing:
 
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+_ADMIN = frozenset({"/start_profile", "/stop_profile"})  # need the API key too
 
 
 class _AuthAndCount:
-    """ASGI middleware for /v1/*: the API key check, and requests counted by endpoint and
-    status. Plain ASGI: Starlette's BaseHTTPMiddleware costs about a millisecond a request."""
+    """ASGI middleware for /v1/* and the profiling endpoints: the API key check, and requests
+    counted by endpoint and status. Plain ASGI: Starlette's BaseHTTPMiddleware costs about a
+    millisecond a request."""
 
     def __init__(self, app, api_key: str | None, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -93,10 +98,10 @@ class _AuthAndCount:
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/"):
+        if scope["type"] != "http" or not (path.startswith("/v1/") or path in _ADMIN):
             await self.app(scope, receive, send)
             return
-        endpoint = path if path in _ENDPOINTS else (
+        endpoint = path if path in _ENDPOINTS or path in _ADMIN else (
             "/v1/models/{id}" if path.startswith("/v1/models/") else "/v1/other")
         if self.expected is not None:
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -210,11 +215,19 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
         return PlainTextResponse(metrics.exposition(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def start_profile(request: Request) -> JSONResponse:
+        return await profiling.start_profile(request, router)
+
+    async def stop_profile(request: Request) -> JSONResponse:
+        return await profiling.stop_profile(request, router)
+
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", models), Route("/v1/models/{model_id:path}", model),
               Route("/health", health), Route("/liveness", liveness),
-              Route("/metrics", prometheus)]
+              Route("/metrics", prometheus),
+              Route("/start_profile", start_profile, methods=["POST"]),
+              Route("/stop_profile", stop_profile, methods=["POST"])]
     return Starlette(routes=routes,
                      middleware=[Middleware(_AuthAndCount, api_key=api_key, metrics=metrics)],
                      exception_handlers={APIError: _api_error,

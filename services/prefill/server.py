@@ -31,7 +31,8 @@ from services.common.convert import (
 from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind, serve_until_signal
 from services.common.kvd_client import RoomFailed
-from services.common.proto.tandem.v1 import kvd_pb2, worker_pb2, worker_pb2_grpc
+from services.common.profiler import ProfilerServicer
+from services.common.proto.tandem.v1 import kvd_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.serve_config import ServeConfig
 from services.engine.engine_loop import EngineLoop, EngineStepError, EngineStopped
 from services.engine.loader import LoadedModel, load_model
@@ -165,7 +166,10 @@ class PrefillWorker:
         health_servicer = health.aio.HealthServicer()
         worker_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        profiler = ProfilerServicer(engine, "prefill", self.device)
+        profiler_pb2_grpc.add_ProfilerServiceServicer_to_server(profiler, server)
         port = bind(server, config.host, config.port)
+        profiler.name = f"{profiler.name}-{port}"  # its trace files' prefix
         engine.start()
         banner = f"serving {servicer.model_name} (prefill) on {config.host}:{port}"
         return await serve_until_signal(
