@@ -15,6 +15,7 @@ import sys
 
 import uvicorn
 
+from services.common.tracing import setup_tracing
 from services.gateway.app import build_app
 from services.gateway.config import GatewayConfig, load_config
 from services.gateway.metrics import GatewayMetrics
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s gateway[{os.getpid()}] %(levelname)s %(name)s: "
                                "%(message)s")
+    setup_tracing("tandem-gateway")
     if _has("uvloop"):  # a faster event loop; grpc.aio runs on it
         import uvloop
         return uvloop.run(serve(config))

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from services.common.proto.tandem.v1 import worker_pb2
-from services.gateway import profiling
+from services.gateway import profiling, spans
 from services.gateway.errors import APIError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.protocol import (
@@ -163,9 +163,23 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
         return await _answer(request, job, "/v1/completions")
 
     async def _answer(request: Request, job: Job, endpoint: str) -> Response:
+        span = spans.request_span("gateway.request", request.headers, {
+            "http.route": endpoint, "gen_ai.request.model": job.model,
+            "tandem.request_id": job.id, "tandem.choices": len(job.requests),
+            "tandem.stream": job.stream})
+        try:
+            response = await _respond(request, job, endpoint, span)
+        except BaseException as e:
+            spans.end(span, e)
+            raise
+        if not job.stream or response.status_code != 200:
+            spans.end(span, None, **{"http.status_code": response.status_code})
+        return response
+
+    async def _respond(request: Request, job: Job, endpoint: str, span) -> Response:
         timing = _Timing(metrics, len(job.requests))
         choices = [Choice(i) for i in range(len(job.requests))]
-        events = _merged(router, job)
+        events = _merged(router, job, span)
         if not job.stream:
             async def collect() -> dict:
                 async with contextlib.aclosing(events):
@@ -187,7 +201,7 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
         if first is _GONE:
             await events.aclose()
             return Response(status_code=499)
-        stream = _stream(job, events, first, choices, timing, metrics, endpoint)
+        stream = _stream(job, events, first, choices, timing, metrics, endpoint, span)
         return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
 
     async def models(request: Request) -> JSONResponse:
@@ -252,12 +266,12 @@ def _finish(metrics: GatewayMetrics, endpoint: str, timing: _Timing,
     metrics.prompt_tokens.inc(n_prompt)
 
 
-async def _merged(router: Router, job: Job
+async def _merged(router: Router, job: Job, span=None
                   ) -> AsyncIterator[tuple[int, worker_pb2.GenerateResponse]]:
     """(choice index, response) from all of the job's requests as they arrive. Closing it
     cancels every request still running."""
     if len(job.requests) == 1:
-        stream = router.stream(job.requests[0], job.model, job.routing_texts[0])
+        stream = router.stream(job.requests[0], job.model, job.routing_texts[0], span)
         async with contextlib.aclosing(stream):
             async for r in stream:
                 yield 0, r
@@ -265,7 +279,8 @@ async def _merged(router: Router, job: Job
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int) -> None:
-        stream = router.stream(job.requests[index], job.model, job.routing_texts[index])
+        stream = router.stream(job.requests[index], job.model, job.routing_texts[index],
+                               span)
         try:
             async with contextlib.aclosing(stream):
                 async for r in stream:
@@ -292,11 +307,12 @@ async def _merged(router: Router, job: Job
 
 
 async def _stream(job: Job, events: AsyncIterator, first: tuple | None, choices: list[Choice],
-                  timing: _Timing, metrics: GatewayMetrics, endpoint: str
+                  timing: _Timing, metrics: GatewayMetrics, endpoint: str, span=None
                   ) -> AsyncIterator[bytes]:
     writer = ChunkWriter(job)
     opened: set[int] = set()
     finished = False
+    error: BaseException | None = None
     try:
         async with contextlib.aclosing(events):
             pending = first
@@ -316,6 +332,7 @@ async def _stream(job: Job, events: AsyncIterator, first: tuple | None, choices:
         finished = True
     except APIError as e:
         logger.warning("%s failed mid-stream: %s", job.id, e.message)
+        error = e
         yield _sse(e.body())
         finished = True
     finally:
@@ -323,6 +340,9 @@ async def _stream(job: Job, events: AsyncIterator, first: tuple | None, choices:
             _finish(metrics, endpoint, timing, choices)
         else:
             metrics.cancellations.inc()
+        spans.end(span, error if finished else asyncio.CancelledError("client went away"),
+                  **{"http.status_code": 200, "gen_ai.usage.output_tokens":
+                     sum(c.completion_tokens for c in choices)})
     yield b"data: [DONE]\n\n"
 
 

@@ -26,8 +26,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2
+from opentelemetry.trace import Span
 
 from services.common.proto.tandem.v1 import worker_pb2
+from services.gateway import spans
 from services.gateway.errors import CLIENT_FAULT_CODES, APIError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.policies import Policy
@@ -83,7 +85,9 @@ class Router:
         return [r for r in self.roles if not self.groups[r].healthy()]
 
     async def stream(self, request: worker_pb2.GenerateRequest, model: str,
-                     routing_text: str) -> AsyncIterator[worker_pb2.GenerateResponse]:
+                     routing_text: str, span: Span | None = None
+                     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """`span`: the request's trace span, if traced; attempts become its children."""
         deadline = time.monotonic() + self.request_timeout_s
         excluded: set[str] = set()
         attempt = 0
@@ -92,16 +96,22 @@ class Router:
             for w in picked:
                 w.in_flight += 1
             yielded = False
+            attempt_span = spans.attempt_spans(span, attempt, picked, self.policies)
+            error: BaseException | None = None
             try:
                 this = _attempt_request(request, attempt)
-                legs = (self._pd_attempt(this, *picked, deadline) if self.pd
-                        else self._unified_attempt(this, picked[0], deadline))
+                legs = (self._pd_attempt(this, *picked, deadline, attempt_span) if self.pd
+                        else self._unified_attempt(this, picked[0], deadline, attempt_span))
                 async with contextlib.aclosing(legs) as responses:
                     async for response in responses:
                         yielded = True
                         yield response
                 return
-            except _AttemptFailed as failed:
+            except BaseException as e:
+                error = e
+                if not isinstance(e, _AttemptFailed):
+                    raise
+                failed = e
                 if yielded:  # defensive: attempts raise _AttemptFailed only before a yield
                     raise failed.error from None
                 excluded.add(failed.worker.url)
@@ -115,6 +125,7 @@ class Router:
             finally:
                 for w in picked:
                     w.in_flight -= 1
+                spans.end(attempt_span, error)
 
     def _pick(self, model: str, text: str, excluded: set[str]) -> list[Worker]:
         picked = []
@@ -139,8 +150,10 @@ class Router:
     # ---- attempts ----
 
     async def _unified_attempt(self, request: worker_pb2.GenerateRequest, worker: Worker,
-                               deadline: float) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        call = worker.stub.Generate(request, timeout=_remaining(deadline))
+                               deadline: float, span: Span | None = None
+                               ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        call = worker.stub.Generate(request, timeout=_remaining(deadline),
+                                    metadata=spans.metadata(span))
         try:
             first = await self._read(call, worker, "worker", first=True)
             if first is None:
@@ -152,15 +165,18 @@ class Router:
             call.cancel()
 
     async def _pd_attempt(self, request: worker_pb2.GenerateRequest, prefill: Worker,
-                          decode: Worker, deadline: float
+                          decode: Worker, deadline: float, span: Span | None = None
                           ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         room = uuid.uuid4().hex
+        if span is not None:
+            span.set_attribute("tandem.room", room)
         decode_req = _with_room(request, room, prefill.kvd_peer_address)
         prefill_req = _with_room(request, room, decode.kvd_peer_address)
         timeout = _remaining(deadline)
-        decode_call = decode.stub.Generate(decode_req, timeout=timeout)
+        metadata = spans.metadata(span)
+        decode_call = decode.stub.Generate(decode_req, timeout=timeout, metadata=metadata)
         prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(request=prefill_req),
-                                            timeout=timeout)
+                                            timeout=timeout, metadata=metadata)
         prefill_task = asyncio.ensure_future(self._prefill_leg(prefill_call, prefill))
         first_task = asyncio.ensure_future(self._read(decode_call, decode, "decode", first=True))
         try:
