@@ -79,9 +79,9 @@ def load_to_proto(load: EngineLoad) -> worker_pb2.LoadResponse:
                                    num_free_pages=load.num_free_pages, num_pages=load.num_pages)
 
 
-def model_info_to_proto(engine: LLMEngine, model_name: str, mode: str,
-                        kvd_peer_address: str) -> worker_pb2.ModelInfoResponse:
+def model_info_to_proto(engine: LLMEngine, model_name: str, mode: str, kvd_peer_address: str,
+                        metrics_address: str = "") -> worker_pb2.ModelInfoResponse:
     return worker_pb2.ModelInfoResponse(
         model_name=model_name, max_model_len=engine.max_model_len,
         vocab_size=engine.model_config.vocab_size, disaggregation_mode=mode,
-        kvd_peer_address=kvd_peer_address)
+        kvd_peer_address=kvd_peer_address, metrics_address=metrics_address)

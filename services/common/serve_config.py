@@ -63,6 +63,7 @@ class ServeConfig:
     device: str = "auto"  # auto: cuda if available, else cpu (the server decides)
     kvd_socket: str = field(default_factory=default_kvd_socket)  # this node's kvd (PD modes)
     kvd_port: int = field(default_factory=default_kvd_port)  # kvd's TCP peer port
+    metrics_port: int = 0  # Prometheus /metrics over HTTP; 0: any free port, -1: off
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -73,6 +74,7 @@ class ServeConfig:
         _check_choice("--log-level", self.log_level, LOG_LEVELS)
         _check_range("--port", self.port, 0, 65535)
         _check_range("--kvd-port", self.kvd_port, 1, 65535)
+        _check_range("--metrics-port", self.metrics_port, -1, 65535)
         _check_range("--base-gpu-id", self.base_gpu_id, 0)
         _check_range("--node-rank", self.node_rank, 0)
         positive: tuple[tuple[str, int | None], ...] = (
@@ -162,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "kvd_port": "TCP peer port of this node's kvd (PD modes; default $TANDEM_KVD_PORT or "
                     "17000)",
         "served_model_name": "model name reported to clients (default: folder or file name)",
+        "metrics_port": "HTTP port of Prometheus /metrics on --host (0: any free port, reported "
+                        "by GetModelInfo; -1: off)",
     }
     choices = {"disaggregation_mode": MODES, "disaggregation_transfer_backend": TRANSFER_BACKENDS,
                "device": DEVICES, "log_level": LOG_LEVELS}

@@ -32,9 +32,11 @@ from services.common.convert import (
 from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind, serve_until_signal
 from services.common.kvd_client import RoomFailed
+from services.common.metrics_http import start_metrics_server
 from services.common.profiler import ProfilerServicer
 from services.common.proto.tandem.v1 import profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.serve_config import ServeConfig
+from services.common.worker_metrics import CANCELLED, WorkerMetrics
 from services.engine.engine import LLMEngine
 from services.engine.engine_loop import EngineLoop, EngineStepError, EngineStopped
 from services.engine.loader import LoadedModel, load_model
@@ -52,6 +54,9 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
         self.model_name = config.served_model_name or loaded.name
         self.config = config
         self.live_request_ids: set[str] = set()  # streams open on this servicer
+        mode = config.disaggregation_mode
+        self.metrics = WorkerMetrics("unified" if mode == "null" else mode, engine.engine)
+        self.metrics_address = ""  # host:port of /metrics, once served
 
     async def Generate(self, request: worker_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
@@ -61,6 +66,7 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request id {request_id!r} is already streaming")
         self.live_request_ids.add(request_id)
+        timer = self.metrics.request()
         try:
             try:
                 self._check_request(request)
@@ -72,6 +78,7 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
             async with contextlib.aclosing(stream):
                 try:
                     async for output in stream:
+                        timer.output(output)
                         yield response_from_output(output, self.tokenizer)
                 except ValueError as e:  # input the engine refused (EngineInputError)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -81,7 +88,11 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, str(e))
                 except RoomFailed as e:
                     await context.abort(e.code, str(e))
+        except (asyncio.CancelledError, GeneratorExit):
+            timer.fail(CANCELLED)
+            raise
         finally:
+            timer.fail()  # an error status, unless the request ended before
             self.live_request_ids.discard(request_id)
 
     def _check_request(self, request: worker_pb2.GenerateRequest) -> None:
@@ -103,7 +114,8 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
     async def GetModelInfo(self, request: worker_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> worker_pb2.ModelInfoResponse:
         return model_info_to_proto(self.engine.engine, self.model_name,
-                                   self.config.disaggregation_mode, self.kvd_peer_address)
+                                   self.config.disaggregation_mode, self.kvd_peer_address,
+                                   self.metrics_address)
 
     @property
     def kvd_peer_address(self) -> str:
@@ -140,6 +152,8 @@ class Worker:
         profiler_pb2_grpc.add_ProfilerServiceServicer_to_server(profiler, server)
         port = bind(server, config.host, config.port)
         profiler.name = f"{profiler.name}-{port}"  # its trace files' prefix
+        servicer.metrics_address = start_metrics_server(
+            servicer.metrics.registry, config.host, config.metrics_port, f"{mode} worker").address
         engine.start()
         banner = (f"serving {servicer.model_name} ({config.disaggregation_mode}) on "
                   f"{config.host}:{port}")

@@ -65,6 +65,7 @@ class KvdConfig:
     socket: str = field(default_factory=default_socket_path)  # unix socket for local workers
     backend: str = "mooncake"  # --disaggregation-transfer-backend
     ib_device: str | None = None  # --disaggregation-ib-device
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0: any free port, -1: off
     settings: TransferSettings = field(default_factory=TransferSettings.from_env)
 
     @property
@@ -83,10 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.backend, choices=("nixl", "mooncake", "ascend"))
     p.add_argument("--disaggregation-ib-device", "--ib-device", dest="ib_device",
                    default=d.ib_device)
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                   help="HTTP port of Prometheus /metrics on --host (0: any free port, "
+                        "reported by Stats; -1: off)")
     return p
 
 
 def parse_args(argv: list[str]) -> KvdConfig:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not -1 <= a.metrics_port <= 65535:
+        p.error(f"--metrics-port must be in [-1, 65535], got {a.metrics_port}")
     return KvdConfig(host=a.host, port=a.port, socket=a.socket, backend=a.backend,
-                     ib_device=a.ib_device, settings=TransferSettings.from_env())
+                     ib_device=a.ib_device, metrics_port=a.metrics_port,
+                     settings=TransferSettings.from_env())

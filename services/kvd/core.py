@@ -24,6 +24,7 @@ import grpc
 from services.common.proto.tandem.v1 import kvd_pb2
 from services.kvd.backends.base import TransferBackend, TransferError
 from services.kvd.config import TransferSettings
+from services.kvd.metrics import KvdMetrics, PoolSnapshot, Snapshot, failure_reason
 from services.kvd.peers import Peer, PeerDirectory
 from services.kvd.pools import Pool, PoolLayout, PoolRegistry, check_page_ids, coalesce
 from services.kvd.transfer import TransferJob, TransferQueues
@@ -32,11 +33,13 @@ logger = logging.getLogger(__name__)
 
 
 class RoomError(Exception):
-    """A room's flow failed; `code` is the gRPC status name to answer with."""
+    """A room's flow failed; `code` is the gRPC status name to answer with, `reason` the
+    metrics' stable word for the cause (default: the code in lower case)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason or code.lower()
 
 
 @dataclass(slots=True)
@@ -74,7 +77,9 @@ class KvdCore:
         self.local_backend = local_backend
         self.settings = settings
         self.pools = PoolRegistry(kvd_id, [backend, local_backend])
-        self.peers = PeerDirectory(kvd_id, peer_address, backend.name, backend.metadata)
+        self.metrics = KvdMetrics()
+        self.peers = PeerDirectory(kvd_id, peer_address, backend.name, backend.metadata,
+                                   self.metrics)
         self.queues = TransferQueues(settings.thread_pool_size, settings.queue_size)
         self.counters = Counters()
         self._recv: dict[str, _RecvRoom] = {}
@@ -86,6 +91,11 @@ class KvdCore:
     @property
     def num_open_rooms(self) -> int:
         return len(self._recv) + self.counters.open_sends + self.counters.awaiting_bootstrap
+
+    def snapshot(self) -> Snapshot:
+        """Pools and open rooms for the metrics' gauges (on the event loop)."""
+        return ([PoolSnapshot(p.pool_id, p.layout.num_pages, p.num_pinned)
+                 for p in self.pools.pools()], self.num_open_rooms)
 
     # --- decode side ----------------------------------------------------------------------
 
@@ -116,9 +126,11 @@ class KvdCore:
                                 f"refused the bootstrap: {e.details()}") from None
             aux, num_bytes = await self._wait_for_kv(req, room)
             self.counters.rooms_completed += 1
+            self.metrics.rooms_completed.labels("recv").inc()
             return kvd_pb2.ExpectKvResponse(aux=aux, kv_bytes=num_bytes)
-        except BaseException:
+        except BaseException as e:
             self.counters.rooms_failed += 1
+            self.metrics.rooms_failed.labels("recv", failure_reason(e)).inc()
             raise
         finally:
             if room is not None and may_be_written and not room.done.done():
@@ -163,9 +175,9 @@ class KvdCore:
         if room.done in done:
             return room.done.result()
         if room.released.is_set():
-            raise RoomError("CANCELLED", f"room {req.room!r} was released")
+            raise RoomError("CANCELLED", f"room {req.room!r} was released", "cancelled")
         raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: no KV from the prefill side "
-                        f"within {timeout:g}s")
+                        f"within {timeout:g}s", "timeout")
 
     async def _drain(self, name: str, room: _RecvRoom) -> None:
         """Until no write into the room's pages can land: the prefill kvd confirms it cancelled
@@ -205,7 +217,8 @@ class KvdCore:
         if room.done.done():
             return
         if req.error:
-            room.done.set_exception(RoomError("UNAVAILABLE", f"prefill side: {req.error}"))
+            room.done.set_exception(RoomError("UNAVAILABLE", f"prefill side: {req.error}",
+                                              "sender_failed"))
         else:
             room.done.set_result((req.aux, req.kv_bytes))
 
@@ -223,18 +236,23 @@ class KvdCore:
                     if room.peer is peer and room.is_bootstrapped and not room.done.done():
                         room.done.set_exception(RoomError(
                             "UNAVAILABLE", f"room {name!r}: prefill kvd at {peer.address} missed "
-                            f"{s.heartbeat_max_failure} heartbeats"))
+                            f"{s.heartbeat_max_failure} heartbeats", "peer_dead"))
 
     # --- prefill side ---------------------------------------------------------------------
 
     def on_handshake(self, req: kvd_pb2.HandshakeRequest) -> None:
         if req.backend != self.backend.name:
+            self.metrics.handshake_failures.labels("backend_mismatch").inc()
             raise RoomError("FAILED_PRECONDITION", f"transfer backend differs: "
                             f"{self.backend.name!r} here, {req.backend!r} at {req.peer_address}")
-        if req.kvd_id == self.kvd_id:  # same node: copy between two pools of this kvd
-            handle = self.local_backend.connect(self.local_backend.metadata())
-        else:
-            handle = self.backend.connect(req.backend_metadata)
+        try:
+            if req.kvd_id == self.kvd_id:  # same node: copy between two pools of this kvd
+                handle = self.local_backend.connect(self.local_backend.metadata())
+            else:
+                handle = self.backend.connect(req.backend_metadata)
+        except Exception:
+            self.metrics.handshake_failures.labels("backend_error").inc()
+            raise
         self._known[req.kvd_id] = _KnownPeer(req.peer_address, handle)
 
     def on_bootstrap(self, req: kvd_pb2.BootstrapRequest) -> None:
@@ -277,11 +295,11 @@ class KvdCore:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             raise RoomError("DEADLINE_EXCEEDED", f"room {room!r}: the decode side did not "
-                            f"bootstrap within {timeout:g}s") from None
+                            f"bootstrap within {timeout:g}s", "timeout") from None
         except asyncio.CancelledError:
             if future.cancelled():  # ReleaseRoom / CancelRoom: the decode side gave up first
                 raise RoomError("ABORTED", f"room {room!r}: the decode side released it before "
-                                "its KV was sent") from None
+                                "its KV was sent", "cancelled") from None
             raise
 
     async def on_cancel_room(self, req: kvd_pb2.CancelRoomRequest) -> None:
@@ -327,9 +345,11 @@ class KvdCore:
             pushing = self._pushing[req.room] = asyncio.Event()  # no await since the check
             response = await self._push(req, pool, page_ids, boot)
             self.counters.rooms_completed += 1
+            self.metrics.rooms_completed.labels("send").inc()
             return response
-        except BaseException:
+        except BaseException as e:
             self.counters.rooms_failed += 1
+            self.metrics.rooms_failed.labels("send", failure_reason(e)).inc()
             raise
         finally:
             if pushing is not None:
@@ -355,17 +375,25 @@ class KvdCore:
             try:
                 seconds = await asyncio.wrap_future(future)
             except TransferError as e:
-                raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}") from None
+                raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}",
+                                "backend_error") from None
         except RoomError as e:
+            self.metrics.transfer_failures.labels(e.reason).inc()
             done.error = str(e)
             await _notify(peer, done)
             raise
         except asyncio.CancelledError:
+            self.metrics.transfer_failures.labels("cancelled").inc()
             done.error = f"room {req.room!r}: the prefill side gave up"
             asyncio.get_running_loop().create_task(_notify(peer, done))
             raise
-        await _notify(peer, done, raise_errors=True)
+        try:
+            await _notify(peer, done, raise_errors=True)
+        except RoomError as e:
+            self.metrics.transfer_failures.labels(e.reason).inc()
+            raise
         self.counters.bytes_sent += job.num_bytes
+        self.metrics.transferred(job.backend.name, job.num_bytes, seconds)
         return kvd_pb2.SendKvResponse(
             kv_bytes=job.num_bytes, num_descriptors=num_runs, transfer_seconds=seconds,
             backend=job.backend.name, queue_shard=shard,
@@ -375,10 +403,12 @@ class KvdCore:
              boot: kvd_pb2.BootstrapRequest, known: _KnownPeer) -> tuple[TransferJob, int]:
         why = pool.layout.mismatch(PoolLayout.from_proto(boot.layout))
         if why:
-            raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: KV layouts differ: {why}")
+            raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: KV layouts differ: {why}",
+                            "layout_mismatch")
         if len(boot.page_ids) != len(page_ids):
             raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: {len(page_ids)} source "
-                            f"pages but {len(boot.page_ids)} destination pages")
+                            f"pages but {len(boot.page_ids)} destination pages",
+                            "page_count_mismatch")
         backend = self.local_backend if boot.kvd_id == self.kvd_id else self.backend
         page_bytes = pool.layout.page_bytes
         runs = coalesce(page_ids, list(boot.page_ids))
@@ -423,4 +453,4 @@ async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
                        e.details())
         if raise_errors:
             raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not take "
-                            f"the KV: {e.code().name}: {e.details()}") from None
+                            f"the KV: {e.code().name}: {e.details()}", "notify_failed") from None

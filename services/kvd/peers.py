@@ -18,6 +18,7 @@ from collections.abc import Callable
 import grpc
 
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.kvd.metrics import KvdMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ class Peer:
 
 class PeerDirectory:
     def __init__(self, self_id: str, self_address: str, backend_name: str,
-                 metadata: Callable[[], bytes]) -> None:
+                 metadata: Callable[[], bytes], metrics: KvdMetrics | None = None) -> None:
         self._self_id = self_id
+        self._metrics = metrics or KvdMetrics()
         self._self_address = self_address
         self._backend_name = backend_name
         self._metadata = metadata
@@ -64,6 +66,7 @@ class PeerDirectory:
                     backend_metadata=metadata, peer_address=self._self_address,
                 ), timeout=RPC_TIMEOUT)
             except grpc.aio.AioRpcError as e:
+                self._metrics.handshake_failures.labels(e.code().name.lower()).inc()
                 if reuse is None:
                     await peer.channel.close()
                 raise PeerUnavailable(
@@ -86,6 +89,7 @@ class PeerDirectory:
             peer.failures = 0
         except (grpc.aio.AioRpcError, PeerUnavailable) as e:
             peer.failures += 1
+            self._metrics.heartbeat_failures.inc()
             logger.warning("heartbeat to kvd at %s failed (%d/%d): %s", peer.address,
                            peer.failures, max_failure, e)
             if peer.failures >= max_failure:

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
+from services.common.metrics_http import MetricsEndpoint, start_metrics_server
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.kvd.backends.base import create_backend
 from services.kvd.config import KvdConfig
@@ -57,6 +58,7 @@ def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
     def __init__(self, core: KvdCore) -> None:
         self.core = core
+        self.metrics_address = ""  # host:port of /metrics, once served
 
     @_mapped
     async def AttachPool(self, request: kvd_pb2.AttachPoolRequest,
@@ -99,6 +101,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
             open_rooms=core.num_open_rooms, rooms_completed=core.counters.rooms_completed,
             rooms_failed=core.counters.rooms_failed, bytes_sent=core.counters.bytes_sent,
             backend=core.backend.name, peer_address=core.peer_address,
+            metrics_address=self.metrics_address,
         )
 
 
@@ -149,13 +152,15 @@ class KvdServer:
                             config.settings)
         self._health = health.HealthServicer()
         self._heartbeats: asyncio.Task[None] | None = None
+        self.metrics = MetricsEndpoint()
 
     async def start(self) -> None:
         """Bind and serve (servers must be made on the running loop)."""
         await _claim_socket(self.config.socket)
         self._local = grpc.aio.server(interceptors=[ExceptionInterceptor()], options=SERVER_OPTIONS)
         self._peer = grpc.aio.server(interceptors=[ExceptionInterceptor()], options=SERVER_OPTIONS)
-        kvd_pb2_grpc.add_KvdServiceServicer_to_server(KvdServicer(self.core), self._local)
+        servicer = KvdServicer(self.core)
+        kvd_pb2_grpc.add_KvdServiceServicer_to_server(servicer, self._local)
         kvd_pb2_grpc.add_KvdPeerServiceServicer_to_server(KvdPeerServicer(self.core), self._peer)
         for server in (self._local, self._peer):
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -168,6 +173,10 @@ class KvdServer:
                 bound = 0
             if bound == 0:
                 raise OSError(f"cannot listen on {address} ({flags}; in use by another kvd?)")
+        self.core.metrics.watch(asyncio.get_running_loop(), self.core.snapshot)
+        self.metrics = start_metrics_server(self.core.metrics.registry, self.config.host,
+                                            self.config.metrics_port, f"kvd {self.core.kvd_id}")
+        servicer.metrics_address = self.metrics.address
         await self._local.start()
         await self._peer.start()
         self._heartbeats = asyncio.create_task(self.core.heartbeat_loop())
@@ -181,6 +190,7 @@ class KvdServer:
             self._heartbeats.cancel()
         await asyncio.gather(self._local.stop(grace), self._peer.stop(grace))
         await self.core.peers.close()
+        self.metrics.close()
         self.core.queues.shutdown()
         self.core.pools.close()
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
 
 import grpc
@@ -31,9 +32,11 @@ from services.common.convert import (
 from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind, serve_until_signal
 from services.common.kvd_client import RoomFailed
+from services.common.metrics_http import start_metrics_server
 from services.common.profiler import ProfilerServicer
 from services.common.proto.tandem.v1 import kvd_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.serve_config import ServeConfig
+from services.common.worker_metrics import CANCELLED, SENT, RequestTimer, WorkerMetrics
 from services.engine.engine_loop import EngineLoop, EngineStepError, EngineStopped
 from services.engine.loader import LoadedModel, load_model
 from services.engine.output import RequestOutput
@@ -54,6 +57,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         self.config = config
         self.pd = pd
         self.live_request_ids: set[str] = set()
+        self.metrics = WorkerMetrics("prefill", engine.engine)
+        self.metrics_address = ""  # host:port of /metrics, once served
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
@@ -63,13 +68,21 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request id {request_id!r} is already prefilling")
         self.live_request_ids.add(request_id)
+        timer = self.metrics.request()
         try:
-            return await self._prefill(request_id, req, context)
+            response = await self._prefill(request_id, req, context, timer)
+            timer.finish(SENT, response.prompt_tokens, 0)
+            return response
+        except asyncio.CancelledError:
+            timer.fail(CANCELLED)
+            raise
         finally:
+            timer.fail()  # an error status, unless the KV was sent
             self.live_request_ids.discard(request_id)
 
     async def _prefill(self, request_id: str, req: worker_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+                       context: grpc.aio.ServicerContext,
+                       timer: RequestTimer) -> worker_pb2.PrefillResponse:
         d = req.disaggregation
         try:
             if not d.room or not d.peer_kvd_address:
@@ -78,7 +91,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             prompt_ids = prompt_ids_from_proto(self.tokenizer, req)
             params = sampling_params_from_proto(req.sampling)
             await self._await_bootstrap(d.room)
+            start = time.perf_counter()
             first = await self._first_token(request_id, prompt_ids, params)
+            timer.tokens_out()
+            self.metrics.prefill_seconds.observe(time.perf_counter() - start)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RoomFailed as e:
@@ -88,7 +104,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         except EngineStepError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
         try:
+            start = time.perf_counter()
             sent = await self._send(d.room, d.peer_kvd_address, first)
+            self.metrics.kv_send_seconds.observe(time.perf_counter() - start)
+            self.metrics.kv_sent_bytes.inc(sent.kv_bytes)
         except RoomFailed as e:
             await context.abort(e.code, str(e))
         finally:
@@ -148,7 +167,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     async def GetModelInfo(self, request: worker_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> worker_pb2.ModelInfoResponse:
         return model_info_to_proto(self.engine.engine, self.model_name, "prefill",
-                                   self.pd.peer_address)
+                                   self.pd.peer_address, self.metrics_address)
 
 
 class PrefillWorker:
@@ -170,6 +189,8 @@ class PrefillWorker:
         profiler_pb2_grpc.add_ProfilerServiceServicer_to_server(profiler, server)
         port = bind(server, config.host, config.port)
         profiler.name = f"{profiler.name}-{port}"  # its trace files' prefix
+        servicer.metrics_address = start_metrics_server(
+            servicer.metrics.registry, config.host, config.metrics_port, "prefill worker").address
         engine.start()
         banner = f"serving {servicer.model_name} (prefill) on {config.host}:{port}"
         return await serve_until_signal(

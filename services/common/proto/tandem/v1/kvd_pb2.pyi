@@ -153,7 +153,7 @@ class PoolStats(_message.Message):
     def __init__(self, pool_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., num_pages: _Optional[int] = ..., pinned_pages: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("pools", "open_rooms", "rooms_completed", "rooms_failed", "bytes_sent", "backend", "peer_address")
+    __slots__ = ("pools", "open_rooms", "rooms_completed", "rooms_failed", "bytes_sent", "backend", "peer_address", "metrics_address")
     POOLS_FIELD_NUMBER: _ClassVar[int]
     OPEN_ROOMS_FIELD_NUMBER: _ClassVar[int]
     ROOMS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class StatsResponse(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     pools: _containers.RepeatedCompositeFieldContainer[PoolStats]
     open_rooms: int
     rooms_completed: int
@@ -168,7 +169,8 @@ class StatsResponse(_message.Message):
     bytes_sent: int
     backend: str
     peer_address: str
-    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., open_rooms: _Optional[int] = ..., rooms_completed: _Optional[int] = ..., rooms_failed: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., backend: _Optional[str] = ..., peer_address: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., open_rooms: _Optional[int] = ..., rooms_completed: _Optional[int] = ..., rooms_failed: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., backend: _Optional[str] = ..., peer_address: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("kvd_id", "backend", "backend_metadata", "peer_address")

@@ -187,15 +187,17 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "max_model_len", "vocab_size", "disaggregation_mode", "kvd_peer_address")
+    __slots__ = ("model_name", "max_model_len", "vocab_size", "disaggregation_mode", "kvd_peer_address", "metrics_address")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATION_MODE_FIELD_NUMBER: _ClassVar[int]
     KVD_PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_model_len: int
     vocab_size: int
     disaggregation_mode: str
     kvd_peer_address: str
-    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., disaggregation_mode: _Optional[str] = ..., kvd_peer_address: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., disaggregation_mode: _Optional[str] = ..., kvd_peer_address: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
