@@ -9,6 +9,10 @@ Contract:
   tracing is on. `shutdown_tracing()` flushes what is buffered.
 - `enabled()` is a module-level flag: hot paths test it and skip all tracing work when off, so
   that tracing costs nothing measurable unless it is configured.
+- `server_span(name, servicer_context, **attributes)` opens the span of an incoming RPC under
+  the caller's context; `span(name, **attributes)` a child of the current span. Both are
+  context managers yielding the span (None when off); an exception leaving them marks the span
+  failed. Attributes can be added later with `set_attributes(span, ...)`.
 - W3C trace context crosses processes in gRPC metadata (`grpc_metadata()` on the client side,
   `context_from_grpc(servicer_context)` on the server side) and arrives from HTTP clients in
   their `traceparent` header (`context_from_headers`).
@@ -17,9 +21,10 @@ Contract:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -72,6 +77,67 @@ def shutdown_tracing() -> None:
 
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
+
+
+@contextlib.contextmanager
+def server_span(name: str, servicer_context, **attributes) -> Iterator[trace.Span | None]:
+    if not _ENABLED:
+        yield None
+        return
+    parent = context_from_grpc(servicer_context)
+    with tracer("tandem").start_as_current_span(name, context=parent,
+                                                kind=trace.SpanKind.SERVER,
+                                                attributes=attributes) as current:
+        yield current
+
+
+@contextlib.contextmanager
+def span(name: str, **attributes) -> Iterator[trace.Span | None]:
+    if not _ENABLED:
+        yield None
+        return
+    with tracer("tandem").start_as_current_span(name, attributes=attributes) as current:
+        yield current
+
+
+def start_span(name: str, parent: trace.Span | None = None, servicer_context=None,
+               server: bool = False, **attributes) -> trace.Span | None:
+    """A span not made current (for async generators, whose code runs across yields): its
+    parent is `parent`, else the caller found in `servicer_context`'s metadata. End it with
+    `end_span`. None when off."""
+    if not _ENABLED:
+        return None
+    if parent is not None:
+        ctx = trace.set_span_in_context(parent)
+    else:
+        ctx = context_from_grpc(servicer_context) if servicer_context is not None else None
+    kind = trace.SpanKind.SERVER if server else trace.SpanKind.INTERNAL
+    return tracer("tandem").start_span(name, context=ctx, kind=kind, attributes=attributes)
+
+
+def end_span(current: trace.Span | None, error: BaseException | None = None,
+             **attributes) -> None:
+    if current is None:
+        return
+    if attributes:
+        current.set_attributes(attributes)
+    if error is not None:
+        current.set_status(trace.Status(trace.StatusCode.ERROR, str(error) or type(error).__name__))
+    current.end()
+
+
+def metadata_for(current: trace.Span | None) -> list[tuple[str, str]] | None:
+    """gRPC metadata carrying `current`'s context (None when off)."""
+    if current is None:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(current))
+    return list(carrier.items())
+
+
+def set_attributes(current: trace.Span | None, **attributes) -> None:
+    if current is not None:
+        current.set_attributes(attributes)
 
 
 def grpc_metadata() -> list[tuple[str, str]] | None:

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from services.common.tracing import setup_tracing
 from services.decode.config import load_config
 
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s {service}[{os.getpid()}] %(levelname)s %(name)s: "
                                "%(message)s")
+    setup_tracing(f"tandem-{service}")
     for note in config.notes():
         logging.getLogger("services.decode").warning("%s", note)
     # imports torch: only once the flags are good

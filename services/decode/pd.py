@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator
 
 import grpc
 
+from services.common import tracing
 from services.common.kvd_client import RoomFailed
 from services.common.proto.tandem.v1 import kvd_pb2, worker_pb2
 from services.common.serve_config import ServeConfig
@@ -61,14 +62,21 @@ class DecodeServicer(GenerateServicer):
                              "prefill node's kvd address (peer_kvd_address)")
 
     async def _prompt_stream(self, request_id: str, request: worker_pb2.GenerateRequest,
-                             prompt_ids: list[int], params: SamplingParams
+                             prompt_ids: list[int], params: SamplingParams, span=None
                              ) -> AsyncGenerator[RequestOutput, None]:
         room = request.disaggregation.room
-        page_ids = await self._reserve(request_id, prompt_ids, params)
+        waiting = tracing.start_span("decode.wait_for_kv", span, **{"tandem.room": room})
+        try:
+            page_ids = await self._reserve(request_id, prompt_ids, params)
+        except BaseException as e:
+            tracing.end_span(waiting, e)
+            raise
+        tracing.set_attributes(waiting, **{"tandem.pages": len(page_ids)})
         try:
             reply = await self.pd.kvd.stub.ExpectKv(kvd_pb2.ExpectKvRequest(
                 pool_id=self.pd.pool_id, room=room, page_ids=page_ids,
-                peer_address=request.disaggregation.peer_kvd_address))
+                peer_address=request.disaggregation.peer_kvd_address),
+                metadata=tracing.metadata_for(waiting))
             aux = reply.aux
             logprobs = (TokenLogprobs(aux.first_token_id, aux.first_logprob,
                                       list(aux.top_token_ids), list(aux.top_logprobs))
@@ -77,12 +85,25 @@ class DecodeServicer(GenerateServicer):
                                          aux.cached_tokens)
         except grpc.aio.AioRpcError as e:
             self._give_up(request_id, room)
+            tracing.end_span(waiting, e)
             raise RoomFailed.from_rpc(room, e) from None
-        except BaseException:
+        except BaseException as e:
             self._give_up(request_id, room)
+            tracing.end_span(waiting, e)
             raise
-        async for output in self.engine.remote_stream(request_id):
-            yield output
+        tracing.end_span(waiting, None, **{"tandem.kv_bytes": reply.kv_bytes})
+        generating = tracing.start_span("decode.generate", span)
+        error: BaseException | None = None
+        tokens = 0
+        try:
+            async for output in self.engine.remote_stream(request_id):
+                tokens = output.num_output_tokens
+                yield output
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            tracing.end_span(generating, error, **{"tandem.output_tokens": tokens})
 
     def _give_up(self, request_id: str, room: str) -> None:
         """Free the request's pages once kvd says no write into them can still land (a late

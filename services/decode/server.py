@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from services.common import tracing
 from services.common.convert import (
     load_to_proto,
     model_info_to_proto,
@@ -67,6 +68,10 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
                                 f"request id {request_id!r} is already streaming")
         self.live_request_ids.add(request_id)
         timer = self.metrics.request()
+        span = tracing.start_span(f"{self.metrics.mode}.request", servicer_context=context,
+                                  server=True, **{"tandem.request_id": request_id})
+        error: BaseException | None = None
+        tokens = 0
         try:
             try:
                 self._check_request(request)
@@ -74,11 +79,12 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
                 params = sampling_params_from_proto(request.sampling)
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            stream = self._prompt_stream(request_id, request, prompt_ids, params)
+            stream = self._prompt_stream(request_id, request, prompt_ids, params, span)
             async with contextlib.aclosing(stream):
                 try:
                     async for output in stream:
                         timer.output(output)
+                        tokens = output.num_output_tokens
                         yield response_from_output(output, self.tokenizer)
                 except ValueError as e:  # input the engine refused (EngineInputError)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -88,12 +94,17 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, str(e))
                 except RoomFailed as e:
                     await context.abort(e.code, str(e))
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit) as e:
             timer.fail(CANCELLED)
+            error = e
+            raise
+        except BaseException as e:
+            error = e
             raise
         finally:
             timer.fail()  # an error status, unless the request ended before
             self.live_request_ids.discard(request_id)
+            tracing.end_span(span, error, **{"tandem.output_tokens": tokens})
 
     def _check_request(self, request: worker_pb2.GenerateRequest) -> None:
         """Mode-specific checks; ValueError becomes INVALID_ARGUMENT."""
@@ -102,9 +113,10 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
                              "a request with `disaggregation` needs a decode worker")
 
     def _prompt_stream(self, request_id: str, request: worker_pb2.GenerateRequest,
-                       prompt_ids: list[int], params: SamplingParams
+                       prompt_ids: list[int], params: SamplingParams, span=None
                        ) -> AsyncGenerator[RequestOutput, None]:
-        """The request's outputs; closing it early must abort the request."""
+        """The request's outputs; closing it early must abort the request. `span`: the
+        request's trace span, if traced."""
         return self.engine.generate(request_id, prompt_ids, params)
 
     async def GetLoad(self, request: worker_pb2.LoadRequest,

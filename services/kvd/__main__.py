@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from services.common.tracing import setup_tracing
 from services.kvd.backends.base import BackendUnavailable
 from services.kvd.config import parse_args
 from services.kvd.server import KvdServer
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s kvd[{os.getpid()}] %(levelname)s %(name)s: "
                                "%(message)s")
+    setup_tracing("tandem-kvd")
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         server = KvdServer(config)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common import tracing
 from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.metrics_http import MetricsEndpoint, start_metrics_server
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
@@ -72,18 +73,33 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
     @_mapped
     async def ExpectKv(self, request: kvd_pb2.ExpectKvRequest,
                        context: grpc.aio.ServicerContext) -> kvd_pb2.ExpectKvResponse:
-        return await self.core.expect_kv(request)
+        with tracing.server_span("kvd.expect", context, **{"tandem.room": request.room,
+                                                           "tandem.pages": len(request.page_ids)}
+                                 ) as span:
+            response = await self.core.expect_kv(request)
+            tracing.set_attributes(span, **{"tandem.kv_bytes": response.kv_bytes})
+            return response
 
     @_mapped
     async def AwaitBootstrap(self, request: kvd_pb2.AwaitBootstrapRequest,
                              context: grpc.aio.ServicerContext
                              ) -> kvd_pb2.AwaitBootstrapResponse:
-        return await self.core.await_bootstrap(request)
+        with tracing.server_span("kvd.await_bootstrap", context, **{"tandem.room": request.room}):
+            return await self.core.await_bootstrap(request)
 
     @_mapped
     async def SendKv(self, request: kvd_pb2.SendKvRequest,
                      context: grpc.aio.ServicerContext) -> kvd_pb2.SendKvResponse:
-        return await self.core.send_kv(request)
+        with tracing.server_span("kvd.send", context, **{"tandem.room": request.room,
+                                                         "tandem.pages": len(request.page_ids)}
+                                 ) as span:
+            r = await self.core.send_kv(request)
+            seconds = r.transfer_seconds
+            tracing.set_attributes(span, **{
+                "tandem.kv_bytes": r.kv_bytes, "tandem.backend": r.backend,
+                "tandem.queue_shard": r.queue_shard, "tandem.descriptors": r.num_descriptors,
+                "tandem.gbps": r.kv_bytes / seconds / 1e9 if seconds > 0 else 0.0})
+            return r
 
     @_mapped
     async def ReleaseRoom(self, request: kvd_pb2.ReleaseRoomRequest,

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from services.common.tracing import setup_tracing
 from services.prefill.config import load_config
 
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s prefill[{os.getpid()}] %(levelname)s %(name)s: "
                                "%(message)s")
+    setup_tracing("tandem-prefill")
     for note in config.notes():
         logging.getLogger("services.prefill").warning("%s", note)
     from services.prefill.server import PrefillWorker  # imports torch: once the flags are good

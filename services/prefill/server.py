@@ -22,6 +22,7 @@ import uuid
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from services.common import tracing
 from services.common.convert import (
     load_to_proto,
     logprob_to_proto,
@@ -70,7 +71,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         self.live_request_ids.add(request_id)
         timer = self.metrics.request()
         try:
-            response = await self._prefill(request_id, req, context, timer)
+            with tracing.server_span("prefill.request", context,
+                                     **{"tandem.request_id": request_id,
+                                        "tandem.room": req.disaggregation.room}):
+                response = await self._prefill(request_id, req, context, timer)
             timer.finish(SENT, response.prompt_tokens, 0)
             return response
         except asyncio.CancelledError:
@@ -90,9 +94,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                                  "decode node's kvd address (peer_kvd_address)")
             prompt_ids = prompt_ids_from_proto(self.tokenizer, req)
             params = sampling_params_from_proto(req.sampling)
-            await self._await_bootstrap(d.room)
+            with tracing.span("prefill.queue", **{"tandem.room": d.room}):
+                await self._await_bootstrap(d.room)  # the bootstrap queue, as SGLang's
             start = time.perf_counter()
-            first = await self._first_token(request_id, prompt_ids, params)
+            with tracing.span("prefill.forward") as span:
+                first = await self._first_token(request_id, prompt_ids, params)
+                tracing.set_attributes(span, **{"tandem.prompt_tokens": first.num_prompt_tokens,
+                                                "tandem.cached_tokens": first.num_cached_tokens})
             timer.tokens_out()
             self.metrics.prefill_seconds.observe(time.perf_counter() - start)
         except ValueError as e:
@@ -105,7 +113,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
         try:
             start = time.perf_counter()
-            sent = await self._send(d.room, d.peer_kvd_address, first)
+            with tracing.span("kv.transfer", **{"tandem.room": d.room}) as span:
+                sent = await self._send(d.room, d.peer_kvd_address, first)
+                tracing.set_attributes(span, **_transfer_attributes(sent, first))
             self.metrics.kv_send_seconds.observe(time.perf_counter() - start)
             self.metrics.kv_sent_bytes.inc(sent.kv_bytes)
         except RoomFailed as e:
@@ -125,7 +135,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         """Compute no KV before the decode side has reserved where it goes: KV waiting for a
         destination would hold this pool while decode pages wait for this pool (deadlock)."""
         try:
-            await self.pd.kvd.stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=room))
+            await self.pd.kvd.stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=room),
+                                                  metadata=tracing.grpc_metadata())
         except grpc.aio.AioRpcError as e:
             raise RoomFailed.from_rpc(room, e) from None
 
@@ -153,7 +164,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         try:
             return await self.pd.kvd.stub.SendKv(kvd_pb2.SendKvRequest(
                 pool_id=self.pd.pool_id, room=room, page_ids=first.kv_page_ids or [],
-                peer_address=peer_address, aux=aux))
+                peer_address=peer_address, aux=aux), metadata=tracing.grpc_metadata())
         except grpc.aio.AioRpcError as e:
             # FAILED_PRECONDITION: the two sides cannot share KV (layouts, page counts), so
             # no retry will help; say so rather than UNAVAILABLE
@@ -168,6 +179,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                            context: grpc.aio.ServicerContext) -> worker_pb2.ModelInfoResponse:
         return model_info_to_proto(self.engine.engine, self.model_name, "prefill",
                                    self.pd.peer_address, self.metrics_address)
+
+
+def _transfer_attributes(sent: kvd_pb2.SendKvResponse, first: RequestOutput) -> dict:
+    seconds = sent.transfer_seconds
+    return {"tandem.pages": len(first.kv_page_ids or []), "tandem.kv_bytes": sent.kv_bytes,
+            "tandem.backend": sent.backend, "tandem.queue_shard": sent.queue_shard,
+            "tandem.descriptors": sent.num_descriptors,
+            "tandem.gbps": sent.kv_bytes / seconds / 1e9 if seconds > 0 else 0.0}
 
 
 class PrefillWorker:

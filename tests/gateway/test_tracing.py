@@ -1,6 +1,7 @@
-"""Traces leave the gateway over OTLP/gRPC, configured by the standard OTEL_* variables, into a
-real OTLP receiver run by this test (opentelemetry-proto's TraceService). A client's
-`traceparent` is honoured: the gateway's spans join the client's trace."""
+"""One trace per request across gateway -> prefill -> both kvds -> decode, exported over OTLP/gRPC
+(configured by the standard OTEL_* variables) into a real OTLP receiver run by this test
+(opentelemetry-proto's TraceService). A client's `traceparent` is honoured: every span joins the
+client's trace, with the parent/child structure and attributes checked."""
 
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def traced(tmp_path_factory):
     make_tiny_model("llama", tmp / "model")
     s = Stack(tmp, str(tmp / "model"))
     try:
-        node = s.node("node")
-        prefill, decode = s.worker("prefill", node), s.worker("decode", node)
+        p_node, d_node = s.node("node-p", env), s.node("node-d", env)
+        prefill = s.worker("prefill", p_node, env=env)
+        decode = s.worker("decode", d_node, env=env)
         url = s.gateway(["--pd-disaggregation", "--prefill", prefill, "--decode", decode],
                         env=env)
         yield receiver, url, prefill, decode
@@ -60,32 +62,69 @@ def traced(tmp_path_factory):
         server.stop(0)
 
 
-def test_gateway_spans_join_the_clients_trace(traced):
+EXPECTED = {  # span -> (service, parent span)
+    "gateway.request": ("tandem-gateway", None),
+    "gateway.route": ("tandem-gateway", "gateway.request"),
+    "gateway.attempt": ("tandem-gateway", "gateway.request"),
+    "prefill.request": ("tandem-prefill", "gateway.attempt"),
+    "prefill.queue": ("tandem-prefill", "prefill.request"),
+    "kvd.await_bootstrap": ("tandem-kvd", "prefill.queue"),
+    "prefill.forward": ("tandem-prefill", "prefill.request"),
+    "kv.transfer": ("tandem-prefill", "prefill.request"),
+    "kvd.send": ("tandem-kvd", "kv.transfer"),
+    "decode.request": ("tandem-decode", "gateway.attempt"),
+    "decode.wait_for_kv": ("tandem-decode", "decode.request"),
+    "kvd.expect": ("tandem-kvd", "decode.wait_for_kv"),
+    "decode.generate": ("tandem-decode", "decode.request"),
+}
+
+
+def _attrs(span) -> dict:
+    out = {}
+    for a in span.attributes:
+        kind = a.value.WhichOneof("value")
+        out[a.key] = getattr(a.value, kind)
+    return out
+
+
+def test_one_trace_across_gateway_workers_and_kvds(traced):
     receiver, url, prefill, decode = traced
     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    prompt = "trace me across every process"
     r = httpx.post(f"{url}/v1/completions", timeout=60,
                    headers={"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01"},
-                   json={"model": model, "prompt": "trace me", "max_tokens": 4})
+                   json={"model": model, "prompt": prompt, "max_tokens": 5,
+                         "ignore_eos": True})
     assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 20
     while True:
         with receiver.lock:
             ours = [(svc, s) for svc, s in receiver.spans if s.trace_id.hex() == TRACE_ID]
         names = {s.name for _, s in ours}
-        if {"gateway.request", "gateway.route", "gateway.attempt"} <= names:
+        if set(EXPECTED) <= names:
             break
-        assert time.monotonic() < deadline, f"spans received: {sorted(names)}"
+        assert time.monotonic() < deadline, f"missing spans: {sorted(set(EXPECTED) - names)}"
         time.sleep(0.1)
+    assert len(ours) == len(EXPECTED), sorted(s.name for _, s in ours)  # one attempt, no extras
     by_name = {s.name: (svc, s) for svc, s in ours}
-    svc, request = by_name["gateway.request"]
-    assert svc == "tandem-gateway"
-    assert request.parent_span_id.hex() == CLIENT_SPAN  # joined the client's trace
-    for child in ("gateway.route", "gateway.attempt"):
-        assert by_name[child][1].parent_span_id == request.span_id
-    attrs = {a.key: a.value for a in by_name["gateway.route"][1].attributes}
-    assert attrs["tandem.prefill.url"].string_value == prefill
-    assert attrs["tandem.decode.url"].string_value == decode
-    attempt = {a.key: a.value for a in by_name["gateway.attempt"][1].attributes}
-    assert len(attempt["tandem.room"].string_value) == 32
-    route_attrs = {a.key for a in request.attributes}
-    assert {"http.route", "gen_ai.request.model", "http.status_code"} <= route_attrs
+    for name, (service, parent) in EXPECTED.items():
+        svc, span = by_name[name]
+        assert svc == service, (name, svc)
+        want = bytes.fromhex(CLIENT_SPAN) if parent is None else by_name[parent][1].span_id
+        assert span.parent_span_id == want, (name, parent)
+        assert span.status.code != 2, (name, span.status.message)  # STATUS_CODE_ERROR
+    route = _attrs(by_name["gateway.route"][1])
+    assert route["tandem.prefill.url"] == prefill and route["tandem.decode.url"] == decode
+    room = _attrs(by_name["gateway.attempt"][1])["tandem.room"]
+    assert len(room) == 32
+    transfer = _attrs(by_name["kv.transfer"][1])
+    assert transfer["tandem.room"] == room and transfer["tandem.backend"] == "mooncake"
+    assert transfer["tandem.kv_bytes"] > 0 and transfer["tandem.pages"] > 0
+    assert transfer["tandem.gbps"] > 0 and "tandem.queue_shard" in transfer
+    assert _attrs(by_name["kvd.send"][1])["tandem.kv_bytes"] == transfer["tandem.kv_bytes"]
+    assert _attrs(by_name["kvd.expect"][1])["tandem.kv_bytes"] == transfer["tandem.kv_bytes"]
+    forward = _attrs(by_name["prefill.forward"][1])
+    assert forward["tandem.prompt_tokens"] == len(prompt.encode())  # byte-level tokenizer
+    assert _attrs(by_name["decode.generate"][1])["tandem.output_tokens"] == 5
+    request = _attrs(by_name["gateway.request"][1])
+    assert request["http.status_code"] == 200 and request["gen_ai.request.model"] == model
