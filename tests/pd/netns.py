@@ -75,12 +75,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _forwarding(bridge: str, add: bool) -> None:
+    """Let traffic cross the test bridge where the host's FORWARD policy drops it (Docker sets
+    DROP and sends bridged frames through iptables). No iptables, nothing to do."""
+    if shutil.which("iptables") is None:
+        return
+    rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+    if add:
+        subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+    else:
+        while subprocess.run(["iptables", "-D", *rule], capture_output=True).returncode == 0:
+            pass
+
+
 def _remove(pid: int) -> None:
-    """Remove the namespaces, veths and bridge of test process `pid`; quiet where gone."""
+    """Remove the namespaces, veths, bridge and forwarding rule of test process `pid`; quiet
+    where gone."""
     for role in ("p", "d"):
         _ip("link", "del", f"td{role}{pid}", check=False)
         _ip("netns", "del", f"{NS_PREFIX}{role}-{pid}", check=False)
     _ip("link", "del", f"tdbr{pid}", check=False)
+    _forwarding(f"tdbr{pid}", add=False)
 
 
 def remove_stale() -> None:
@@ -114,6 +129,7 @@ def two_node_network() -> Iterator[TwoNodeNetwork]:
             _ip("link", "add", bridge, "type", "bridge")
             _ip("addr", "add", f"{net}.254/24", "dev", bridge)
             _ip("link", "set", bridge, "up")
+            _forwarding(bridge, add=True)
             nodes = []
             for role, host in (("p", 1), ("d", 2)):
                 ns, veth = f"{NS_PREFIX}{role}-{pid}", f"td{role}{pid}"
