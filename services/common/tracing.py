@@ -24,7 +24,7 @@ import atexit
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -79,25 +79,22 @@ def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
 
 
-@contextlib.contextmanager
-def server_span(name: str, servicer_context, **attributes) -> Iterator[trace.Span | None]:
-    if not _ENABLED:
-        yield None
-        return
-    parent = context_from_grpc(servicer_context)
-    with tracer("tandem").start_as_current_span(name, context=parent,
-                                                kind=trace.SpanKind.SERVER,
-                                                attributes=attributes) as current:
-        yield current
+_OFF = contextlib.nullcontext()  # what the span context managers are when tracing is off
 
 
-@contextlib.contextmanager
-def span(name: str, **attributes) -> Iterator[trace.Span | None]:
+def server_span(name: str, servicer_context, **attributes
+                ) -> contextlib.AbstractContextManager[trace.Span | None]:
     if not _ENABLED:
-        yield None
-        return
-    with tracer("tandem").start_as_current_span(name, attributes=attributes) as current:
-        yield current
+        return _OFF
+    return tracer("tandem").start_as_current_span(
+        name, context=context_from_grpc(servicer_context), kind=trace.SpanKind.SERVER,
+        attributes=attributes)
+
+
+def span(name: str, **attributes) -> contextlib.AbstractContextManager[trace.Span | None]:
+    if not _ENABLED:
+        return _OFF
+    return tracer("tandem").start_as_current_span(name, attributes=attributes)
 
 
 def start_span(name: str, parent: trace.Span | None = None, servicer_context=None,
