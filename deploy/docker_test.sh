@@ -46,7 +46,9 @@ print_timings() {
 
 ensure_docker() {
   local missing=()
-  command -v docker >/dev/null || missing+=(docker.io)
+  # the daemon, not just a CLI: some machines ship a docker client without dockerd
+  { command -v docker >/dev/null && { command -v dockerd >/dev/null || docker info >/dev/null 2>&1; }; } \
+    || missing+=(docker.io)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null \
     || missing+=(docker-compose)
