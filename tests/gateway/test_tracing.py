@@ -128,3 +128,27 @@ def test_one_trace_across_gateway_workers_and_kvds(traced):
     assert _attrs(by_name["decode.generate"][1])["tandem.output_tokens"] == 5
     request = _attrs(by_name["gateway.request"][1])
     assert request["http.status_code"] == 200 and request["gen_ai.request.model"] == model
+
+
+def test_errors_set_span_status(traced):
+    """A prompt longer than the context: the workers refuse it (400), and the spans of that
+    trace that saw the failure carry status ERROR with the reason."""
+    receiver, url, _, _ = traced
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    r = httpx.post(f"{url}/v1/completions", timeout=60,
+                   headers={"traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"},
+                   json={"model": model, "prompt": "x" * 600, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    wanted = {"gateway.request", "gateway.attempt", "decode.request"}
+    deadline = time.monotonic() + 20
+    while True:
+        with receiver.lock:
+            ours = {s.name: s for _, s in receiver.spans if s.trace_id.hex() == trace_id}
+        if wanted <= set(ours):
+            break
+        assert time.monotonic() < deadline, f"spans received: {sorted(ours)}"
+        time.sleep(0.1)
+    for name in wanted:
+        assert ours[name].status.code == 2, (name, ours[name].status)  # STATUS_CODE_ERROR
+    assert "600" in ours["gateway.request"].status.message
