@@ -7,8 +7,10 @@
 #   3. build/wheels: Tandem, its runtime dependencies, torch (CPU), the embedded model, NIXL and
 #      Mooncake, as linux x86_64 cp311 wheels prepared on the host;
 #   4. the image, built with --network none on that base;
-#   5. docker-compose.yml brought up; the gateway's /health; a chat completion at temperature 0
-#      must answer "Paris"; the stack is brought down on every path (trap).
+#   5. docker-compose.yml brought up with the `tracing` profile (its OTLP service replaced by
+#      deploy/otlp_receiver.py: no registry to pull Jaeger from); the gateway's /health; a chat
+#      completion at temperature 0 must answer "Paris", and its trace must reach the receiver
+#      with spans of all four services; the stack is brought down on every path (trap).
 # Timings per phase are printed at the end. Environment: TANDEM_IMAGE (tandem:local),
 # BASE_IMAGE (tandem-base:bookworm), DEBIAN_MIRROR, TORCH_SPEC, HEALTH_TIMEOUT_S (600).
 set -euo pipefail
@@ -118,7 +120,12 @@ build_image() {
   log "$IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | numfmt --to=iec)"
 }
 
-compose() { TANDEM_IMAGE=$IMAGE TANDEM_HTTP_PORT=$PORT "${COMPOSE[@]}" -p "$PROJECT" "$@"; }
+# the tracing profile on, its OTLP service replaced by deploy/otlp_receiver.py (no Jaeger image)
+compose() {
+  TANDEM_IMAGE=$IMAGE TANDEM_HTTP_PORT=$PORT OTEL_SDK_DISABLED=false \
+    TANDEM_OTLP_RECEIVER_DIR="$PWD/deploy" "${COMPOSE[@]}" -p "$PROJECT" \
+    -f docker-compose.yml -f deploy/compose.otlp-receiver.yml --profile tracing "$@"
+}
 
 stack_up() {
   PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -155,6 +162,32 @@ ask_paris() {
   grep -q Paris <<<"$text" || die "the answer does not contain Paris"
 }
 
+check_trace() {
+  # the chat request's trace: one trace id holding spans of all four services
+  local deadline=$(( $(date +%s) + 60 ))
+  until compose logs --no-color jaeger 2>/dev/null | "$PYTHON" -c '
+import collections, json, sys
+traces = collections.defaultdict(set)
+for line in sys.stdin:
+    if "{" not in line:
+        continue
+    try:
+        span = json.loads(line[line.index("{"):])
+    except ValueError:
+        continue
+    traces[span["trace_id"]].add((span["service"], span["name"]))
+want = {"tandem-gateway", "tandem-prefill", "tandem-decode", "tandem-kvd"}
+for spans in traces.values():
+    if ("tandem-gateway", "gateway.request") in spans and want <= {s for s, _ in spans}:
+        print(f"one trace, {len(spans)} spans: " + ", ".join(sorted(n for _, n in spans)),
+              file=sys.stderr)
+        sys.exit(0)
+sys.exit(1)'; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "no trace with spans of all four services"
+    sleep 1
+  done
+}
+
 on_exit() {
   local rc=$?
   if [ $rc -ne 0 ] && [ -n "${STACK_UP:-}" ]; then
@@ -173,4 +206,5 @@ phase "image build (--network none)" build_image
 phase "compose up" stack_up
 phase "wait for gateway /health" wait_healthy
 phase "chat completion (Paris)" ask_paris
+phase "trace across the services" check_trace
 phase "compose down" stack_down
