@@ -63,8 +63,8 @@ def main() -> int:
     per_call = {
         "request_span": _best_ns(lambda: spans.request_span("x", {}, {"a": 1})),
         "attempt_spans": _best_ns(lambda: spans.attempt_spans(None, 0, [], {})),
-        "gateway_metadata": _best_ns(lambda: spans.metadata(None)),
-        "gateway_end": _best_ns(lambda: spans.end(None)),
+        "gateway_metadata": _best_ns(lambda: tracing.metadata_for(None)),
+        "gateway_end": _best_ns(lambda: tracing.end_span(None)),
         "server_span": _best_ns(_with_server_span),
         "span": _best_ns(_with_span),
         "start_span": _best_ns(lambda: tracing.start_span("x", None, a=1)),

@@ -120,6 +120,7 @@ def end_span(current: trace.Span | None, error: BaseException | None = None,
         current.set_attributes(attributes)
     if error is not None:
         current.set_status(trace.Status(trace.StatusCode.ERROR, str(error) or type(error).__name__))
+        current.record_exception(error)
     current.end()
 
 

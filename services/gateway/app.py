@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from services.common import tracing
 from services.common.proto.tandem.v1 import worker_pb2
 from services.gateway import profiling, spans
 from services.gateway.errors import APIError
@@ -170,10 +171,10 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
         try:
             response = await _respond(request, job, endpoint, span)
         except BaseException as e:
-            spans.end(span, e)
+            tracing.end_span(span, e)
             raise
         if not job.stream or response.status_code != 200:
-            spans.end(span, None, **{"http.status_code": response.status_code})
+            tracing.end_span(span, None, **{"http.status_code": response.status_code})
         return response
 
     async def _respond(request: Request, job: Job, endpoint: str, span) -> Response:
@@ -340,7 +341,7 @@ async def _stream(job: Job, events: AsyncIterator, first: tuple | None, choices:
             _finish(metrics, endpoint, timing, choices)
         else:
             metrics.cancellations.inc()
-        spans.end(span, error if finished else asyncio.CancelledError("client went away"),
+        tracing.end_span(span, error if finished else asyncio.CancelledError("client went away"),
                   **{"http.status_code": 200, "gen_ai.usage.output_tokens":
                      sum(c.completion_tokens for c in choices)})
     yield b"data: [DONE]\n\n"

@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from opentelemetry.trace import Span
 
+from services.common import tracing
 from services.common.proto.tandem.v1 import worker_pb2
 from services.gateway import spans
 from services.gateway.errors import CLIENT_FAULT_CODES, APIError
@@ -125,7 +126,7 @@ class Router:
             finally:
                 for w in picked:
                     w.in_flight -= 1
-                spans.end(attempt_span, error)
+                tracing.end_span(attempt_span, error)
 
     def _pick(self, model: str, text: str, excluded: set[str]) -> list[Worker]:
         picked = []
@@ -153,7 +154,7 @@ class Router:
                                deadline: float, span: Span | None = None
                                ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         call = worker.stub.Generate(request, timeout=_remaining(deadline),
-                                    metadata=spans.metadata(span))
+                                    metadata=tracing.metadata_for(span))
         try:
             first = await self._read(call, worker, "worker", first=True)
             if first is None:
@@ -173,7 +174,7 @@ class Router:
         decode_req = _with_room(request, room, prefill.kvd_peer_address)
         prefill_req = _with_room(request, room, decode.kvd_peer_address)
         timeout = _remaining(deadline)
-        metadata = spans.metadata(span)
+        metadata = tracing.metadata_for(span)
         decode_call = decode.stub.Generate(decode_req, timeout=timeout, metadata=metadata)
         prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(request=prefill_req),
                                             timeout=timeout, metadata=metadata)

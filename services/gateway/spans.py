@@ -1,12 +1,13 @@
 """The gateway's trace spans (see services/common/tracing.py): one `gateway.request` per HTTP
 request, under it a `gateway.route` (the routing decision) and a `gateway.attempt` (both legs)
-per attempt; the workers' spans hang under the attempt through gRPC metadata. Every function is
-a no-op returning None when tracing is off."""
+per attempt; the workers' spans hang under the attempt through gRPC metadata
+(`tracing.metadata_for`), and all of them end with `tracing.end_span`. Every function is a no-op
+returning None when tracing is off."""
 
 from __future__ import annotations
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind
 
 from services.common import tracing
 
@@ -34,24 +35,3 @@ def attempt_spans(parent: Span | None, attempt: int, picked: list, policies: dic
     _tracer.start_span("gateway.route", context=ctx, attributes=route).end()
     return _tracer.start_span("gateway.attempt", context=ctx, kind=SpanKind.CLIENT,
                               attributes={"tandem.attempt": attempt})
-
-
-def metadata(span: Span | None) -> list[tuple[str, str]] | None:
-    """W3C context of `span` for the workers' RPCs."""
-    if span is None:
-        return None
-    from opentelemetry import propagate
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=trace.set_span_in_context(span))
-    return list(carrier.items())
-
-
-def end(span: Span | None, error: BaseException | None = None, **attributes) -> None:
-    if span is None:
-        return
-    for key, value in attributes.items():
-        span.set_attribute(key, value)
-    if error is not None:
-        span.set_status(Status(StatusCode.ERROR, str(error)))
-        span.record_exception(error)
-    span.end()
