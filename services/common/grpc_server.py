@@ -1,5 +1,8 @@
 """The life of a worker's gRPC server: bind, serve, drain on SIGTERM/SIGINT.
 
+`bind` / `bind_address` are also how kvd binds its two servers: one place turns grpcio's
+"cannot bind" (0, or RuntimeError in newer grpcio) into an OSError naming the flags.
+
 Contract: `serve_until_signal` binds `host:port` (OSError naming the flags when it cannot),
 starts the server, prints one "serving ..." line, and on SIGTERM/SIGINT turns health
 NOT_SERVING, refuses new RPCs, lets live ones finish for up to `grace` seconds, then awaits
@@ -21,12 +24,18 @@ logger = logging.getLogger(__name__)
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     address = f"[{host}]" if ":" in host else host
+    return bind_address(server, f"{address}:{port}", f"--host {host} --port {port}")
+
+
+def bind_address(server: grpc.aio.Server, address: str, flags: str) -> int:
+    """The port bound at `address` (host:port or unix:path); OSError naming `flags`, the
+    options that chose it, when it cannot be (grpcio >= 1.8x raises where older ones gave 0)."""
     try:
-        bound = server.add_insecure_port(f"{address}:{port}")
+        bound = server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if bound == 0:
-        raise OSError(f"--host {host} --port {port}: cannot listen there (port in use?)")
+        raise OSError(f"{flags}: cannot listen on {address} (in use?)")
     return bound
 
 

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import tracing
 from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
+from services.common.grpc_server import bind_address
 from services.common.metrics_http import MetricsEndpoint, start_metrics_server
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.kvd.backends.base import create_backend
@@ -180,15 +181,8 @@ class KvdServer:
         kvd_pb2_grpc.add_KvdPeerServiceServicer_to_server(KvdPeerServicer(self.core), self._peer)
         for server in (self._local, self._peer):
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        for server, address, flags in (
-                (self._local, f"unix:{self.config.socket}", "--socket"),
-                (self._peer, self.config.peer_address, "--host/--port")):
-            try:
-                bound = server.add_insecure_port(address)
-            except RuntimeError:  # grpcio >= 1.8x raises instead of returning 0
-                bound = 0
-            if bound == 0:
-                raise OSError(f"cannot listen on {address} ({flags}; in use by another kvd?)")
+        bind_address(self._local, f"unix:{self.config.socket}", "--socket")
+        bind_address(self._peer, self.config.peer_address, "--host/--port")
         self.core.metrics.watch(asyncio.get_running_loop(), self.core.snapshot)
         self.metrics = start_metrics_server(self.core.metrics.registry, self.config.host,
                                             self.config.metrics_port, f"kvd {self.core.kvd_id}")
