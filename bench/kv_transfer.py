@@ -35,7 +35,6 @@ GB = 1e9 bytes. Results, with the machine and its load average, go to
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -58,6 +57,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.process import die_with_parent, parent_death
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.common.shm import buffer_address, map_segment, unlink_segment
 from services.kvd.pools import coalesce
@@ -102,14 +102,8 @@ def shapes(llama_dtype: str) -> dict[str, dict[str, Any]]:
 # ---- the direct-API peer processes (the baseline) --------------------------------------------
 
 
-def _die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """PR_SET_PDEATHSIG: the kernel signals this child when the bench dies, even if the bench
-    itself was SIGKILLed and never reached its cleanup."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, sig)
-
-
 def _peer_main(conn: Any, env: dict[str, str]) -> None:
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)  # the kernel ends it if the bench dies
     os.environ.update(env)  # before NIXL/UCX load: they read it once
     state: dict[str, Any] = {}
     try:
@@ -192,7 +186,7 @@ def start_kvd(tmp: Path, name: str, backend: str,
             [sys.executable, "-m", "services.kvd", "--host", "127.0.0.1", "--port", str(port),
              "--socket", sock, "--backend", backend],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV, **env},
-            preexec_fn=lambda: _die_with_parent(signal.SIGTERM))  # kvd unlinks its pools
+            preexec_fn=parent_death(signal.SIGTERM))  # kvd unlinks its pools
     return proc, sock, f"127.0.0.1:{port}"
 
 

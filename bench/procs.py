@@ -7,7 +7,6 @@ the log's tail if the process exited or `timeout` passed. `stop` sends SIGTERM, 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -20,6 +19,8 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.process import parent_death
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,17 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
+                                env={**os.environ, **(env or {})},
+                                preexec_fn=parent_death(signal.SIGKILL))
 
 
 def _tail(log: Path) -> str:

@@ -12,7 +12,6 @@ parent-death signal), so nothing is left behind if it is killed. Logs go to the 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 import httpx
 
 from services.common.kvd_client import kvd_is_serving
+from services.common.process import parent_death
 
 STOP_GRACE_S = 35.0  # workers drain live streams for up to 30 s
 READY_TIMEOUT_S = 600.0
@@ -34,17 +34,9 @@ class Child:
     proc: subprocess.Popen
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG = 1)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
-
-
 def _spawn(name: str, args: list[str]) -> Child:
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args],
-                            process_group=0, preexec_fn=_die_with_parent)
+                            process_group=0, preexec_fn=parent_death(signal.SIGTERM))
     return Child(name, proc)
 
 
