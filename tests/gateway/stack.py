@@ -9,11 +9,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.pd.harness import Node, launch_worker, start_node, wait_baseline
 from tests.procs import free_port, kill, start, stop, wait_healthy
 
 API_KEY = "sk-tandem-test"
+
+Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs
+
+
+def scrape(url: str) -> dict[str, dict[Labels, float]]:
+    """A service's /metrics: sample name -> sorted labels -> value (prometheus_client's parser)."""
+    out: dict[str, dict[Labels, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric(service: str, name: str, /, **labels: str) -> float:
+    """Sum of the samples of `name` at the service's /metrics whose labels include `labels`
+    (0 when there are none). Positional-only: `url` is a label name too."""
+    return sum(value for found, value in scrape(service).get(name, {}).items()
+               if labels.items() <= dict(found).items())
 
 
 def start_gateway(tmp: Path, args: list[str], env: dict[str, str] | None = None,

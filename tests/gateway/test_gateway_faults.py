@@ -4,14 +4,13 @@ no page stays held. Each test gets its own deployment (it kills part of it)."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.gateway.stack import Stack
+from tests.gateway.stack import Stack, metric
 from tests.pd.harness import launch_worker
 from tests.tiny_models import make_tiny_model
 
@@ -33,22 +32,6 @@ def stack(model, tmp_path):
         yield s
     finally:
         s.stop_all()
-
-
-def _metric(gateway: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    text = httpx.get(f"{gateway}/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        m = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if not m:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
 
 
 def _prompts(count: int, length: int) -> list[str]:
@@ -104,7 +87,7 @@ def test_two_prefills_one_killed_mid_load_loses_nothing(stack, model):
     async def load_and_kill() -> list[str | Exception]:
         work = asyncio.ensure_future(_complete_all(url, name, prompts, 6))
         # kill once the first prefill has work queued
-        while _metric(url, "tandem_gateway_worker_in_flight_requests", role="prefill",
+        while metric(url, "tandem_gateway_worker_in_flight_requests", role="prefill",
                       url=prefills[0]) < 3:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(stack.kill_worker, prefills[0])
@@ -114,8 +97,8 @@ def test_two_prefills_one_killed_mid_load_loses_nothing(stack, model):
     errors = [g for g in got if not isinstance(g, str)]
     assert not errors, errors
     assert got == expected
-    assert _metric(url, "tandem_gateway_retries_total", role="prefill") >= 1
-    assert _metric(url, "tandem_gateway_worker_healthy", url=prefills[0]) == 0
+    assert metric(url, "tandem_gateway_retries_total", role="prefill") >= 1
+    assert metric(url, "tandem_gateway_worker_healthy", url=prefills[0]) == 0
     stack.assert_baseline(timeout=15)
 
     # the worker restarted on its port comes back into rotation
@@ -124,7 +107,7 @@ def test_two_prefills_one_killed_mid_load_loses_nothing(stack, model):
                             extra=PREFILL)
     stack.workers.append((proc, port, "prefill", p1))
     deadline = time.monotonic() + 20
-    while _metric(url, "tandem_gateway_worker_healthy", url=prefills[0]) != 1:
+    while metric(url, "tandem_gateway_worker_healthy", url=prefills[0]) != 1:
         assert time.monotonic() < deadline, "restarted prefill worker not back in rotation"
         time.sleep(0.2)
     assert asyncio.run(_complete_all(url, name, prompts[:4], 6)) == expected[:4]

@@ -8,13 +8,11 @@ the worker that has it; round_robin must alternate.
 
 from __future__ import annotations
 
-import re
-
 import httpx
 import openai
 import pytest
 
-from tests.gateway.stack import Stack
+from tests.gateway.stack import Stack, scrape
 from tests.tiny_models import make_tiny_model
 
 PREFIX = "You are a helpful assistant who answers in one short sentence. " * 3
@@ -59,14 +57,6 @@ def test_round_robin_alternates(stack):
     assert cached[2] > 0 and cached[3] > 0, cached
 
 
-def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    out = {}
-    for m in re.finditer(rf"^{name}(?:{{(.*?)}})? (\S+)$", text, flags=re.M):
-        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(1) or "")))
-        out[labels] = float(m.group(2))
-    return out
-
-
 def test_metrics_count_a_known_workload(stack):
     url = stack.gateway(["--worker", *stack.unified])
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
@@ -80,13 +70,13 @@ def test_metrics_count_a_known_workload(stack):
                                         max_tokens=3, stream=True,
                                         extra_body={"ignore_eos": True}))
     httpx.post(f"{url}/v1/completions", content=b"{bad", timeout=10)
-    text = httpx.get(f"{url}/metrics").text
-    requests = _samples(text, "tandem_gateway_requests_total")
+    samples = scrape(url)
+    requests = samples["tandem_gateway_requests_total"]
     assert requests[(("endpoint", "/v1/completions"), ("status", "200"))] == 5
     assert requests[(("endpoint", "/v1/completions"), ("status", "400"))] == 1
     assert requests[(("endpoint", "/v1/chat/completions"), ("status", "200"))] == 1
-    assert _samples(text, "tandem_gateway_completion_tokens_total")[()] == tokens + 3
-    assert _samples(text, "tandem_gateway_time_to_first_token_seconds_count")[()] == 6
-    assert _samples(text, "tandem_gateway_inter_token_latency_seconds_count")[()] == 5 * 3 + 2
-    healthy = _samples(text, "tandem_gateway_worker_healthy")
+    assert samples["tandem_gateway_completion_tokens_total"][()] == tokens + 3
+    assert samples["tandem_gateway_time_to_first_token_seconds_count"][()] == 6
+    assert samples["tandem_gateway_inter_token_latency_seconds_count"][()] == 5 * 3 + 2
+    healthy = samples["tandem_gateway_worker_healthy"]
     assert sorted(healthy.values()) == [1.0, 1.0] and len(healthy) == 2
