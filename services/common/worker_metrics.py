@@ -122,19 +122,19 @@ class RequestTimer:
                         output.num_output_tokens)
 
     def finish(self, reason: str, prompt_tokens: int, generated_tokens: int) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        m = self._m
-        m.e2e.observe(time.perf_counter() - self._start)
-        m.finished.labels(m.mode, reason).inc()
-        m.prompt_tokens.inc(prompt_tokens)
-        m.generation_tokens.inc(generated_tokens)
+        if self._end(reason):
+            self._m.prompt_tokens.inc(prompt_tokens)
+            self._m.generation_tokens.inc(generated_tokens)
 
     def fail(self, reason: str = ERROR) -> None:
+        self._end(reason)
+
+    def _end(self, reason: str) -> bool:
+        """Count the request's end once; False if it was counted already."""
         if self._ended:
-            return
+            return False
         self._ended = True
         m = self._m
         m.e2e.observe(time.perf_counter() - self._start)
         m.finished.labels(m.mode, reason).inc()
+        return True
