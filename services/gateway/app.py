@@ -45,7 +45,7 @@ from services.gateway.protocol import (
     parse_chat,
     parse_completion,
 )
-from services.gateway.responses import Choice, ChunkWriter, full_response
+from services.gateway.responses import Choice, ChunkWriter, full_response, usage
 from services.gateway.router import Router
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
             body = await _cancel_on_disconnect(request, collect(), metrics)
             if body is _GONE:
                 return Response(status_code=499)
-            _finish(metrics, endpoint, timing, choices)
+            _finish(metrics, endpoint, timing, job, choices)
             return JSONResponse(body)
         # streaming: wait for the first response so that early failures keep their status
         try:
@@ -259,12 +259,13 @@ def _model_card(name: str, info: worker_pb2.ModelInfoResponse) -> dict:
             "max_model_len": info.max_model_len}
 
 
-def _finish(metrics: GatewayMetrics, endpoint: str, timing: _Timing,
+def _finish(metrics: GatewayMetrics, endpoint: str, timing: _Timing, job: Job,
             choices: list[Choice]) -> None:
+    """Token counts as the response's `usage` states them (each prompt once)."""
     metrics.e2e.labels(endpoint).observe(time.monotonic() - timing.start)
-    metrics.completion_tokens.inc(sum(c.completion_tokens for c in choices))
-    n_prompt = sum(c.prompt_tokens for c in choices[:1])
-    metrics.prompt_tokens.inc(n_prompt)
+    counts = usage(choices, job.n)
+    metrics.completion_tokens.inc(counts["completion_tokens"])
+    metrics.prompt_tokens.inc(counts["prompt_tokens"])
 
 
 async def _merged(router: Router, job: Job, span=None
@@ -338,7 +339,7 @@ async def _stream(job: Job, events: AsyncIterator, first: tuple | None, choices:
         finished = True
     finally:
         if finished:
-            _finish(metrics, endpoint, timing, choices)
+            _finish(metrics, endpoint, timing, job, choices)
         else:
             metrics.cancellations.inc()
         tracing.end_span(span, error if finished else asyncio.CancelledError("client went away"),

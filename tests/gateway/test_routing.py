@@ -61,22 +61,30 @@ def test_metrics_count_a_known_workload(stack):
     url = stack.gateway(["--worker", *stack.unified])
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
     model = client.models.list().data[0].id
-    tokens = 0
+    tokens = prompt_tokens = 0
     for i in range(5):
         r = client.completions.create(model=model, prompt=f"count {i}", max_tokens=4,
                                       temperature=0, extra_body={"ignore_eos": True})
         tokens += r.usage.completion_tokens
-    list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "s"}],
-                                        max_tokens=3, stream=True,
-                                        extra_body={"ignore_eos": True}))
+        prompt_tokens += r.usage.prompt_tokens
+    two = client.completions.create(model=model, prompt=["one", "prompt two"], max_tokens=1,
+                                    n=2, temperature=0, extra_body={"ignore_eos": True})
+    assert two.usage.prompt_tokens == len("one") + len("prompt two")  # each prompt once
+    tokens += two.usage.completion_tokens
+    prompt_tokens += two.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "s"}], max_tokens=3, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    prompt_tokens += chunks[-1].usage.prompt_tokens
     httpx.post(f"{url}/v1/completions", content=b"{bad", timeout=10)
     samples = scrape(url)
     requests = samples["tandem_gateway_requests_total"]
-    assert requests[(("endpoint", "/v1/completions"), ("status", "200"))] == 5
+    assert requests[(("endpoint", "/v1/completions"), ("status", "200"))] == 6
     assert requests[(("endpoint", "/v1/completions"), ("status", "400"))] == 1
     assert requests[(("endpoint", "/v1/chat/completions"), ("status", "200"))] == 1
     assert samples["tandem_gateway_completion_tokens_total"][()] == tokens + 3
-    assert samples["tandem_gateway_time_to_first_token_seconds_count"][()] == 6
+    assert samples["tandem_gateway_prompt_tokens_total"][()] == prompt_tokens
+    assert samples["tandem_gateway_time_to_first_token_seconds_count"][()] == 7
     assert samples["tandem_gateway_inter_token_latency_seconds_count"][()] == 5 * 3 + 2
     healthy = samples["tandem_gateway_worker_healthy"]
     assert sorted(healthy.values()) == [1.0, 1.0] and len(healthy) == 2
