@@ -28,16 +28,18 @@ from services.gateway.errors import APIError, bad_request
 MAX_N = 128
 
 
-class _Strict(BaseModel):
+class _Body(BaseModel):
+    """Fields OpenAI defines that Tandem does not read (user, metadata, ...) are ignored."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_Body):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(_Body):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -69,12 +71,12 @@ class _Sampling(_Strict):
         return stops
 
 
-class TextPart(_Strict):
+class TextPart(_Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessageIn(_Strict):
+class ChatMessageIn(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
