@@ -138,6 +138,16 @@ def set_attributes(current: trace.Span | None, **attributes) -> None:
         current.set_attributes(attributes)
 
 
+def kv_transfer_attributes(sent, num_pages: int) -> dict:
+    """Span attributes of one room's KV transfer, from kvd's SendKvResponse (the prefill
+    worker's kv.transfer span and kvd's kvd.send span carry the same ones)."""
+    seconds = sent.transfer_seconds
+    return {"tandem.pages": num_pages, "tandem.kv_bytes": sent.kv_bytes,
+            "tandem.backend": sent.backend, "tandem.queue_shard": sent.queue_shard,
+            "tandem.descriptors": sent.num_descriptors,
+            "tandem.gbps": sent.kv_bytes / seconds / 1e9 if seconds > 0 else 0.0}
+
+
 def grpc_metadata() -> list[tuple[str, str]] | None:
     """The current trace context as gRPC metadata (None when tracing is off)."""
     if not _ENABLED:

@@ -94,13 +94,11 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
         with tracing.server_span("kvd.send", context, **{"tandem.room": request.room,
                                                          "tandem.pages": len(request.page_ids)}
                                  ) as span:
-            r = await self.core.send_kv(request)
-            seconds = r.transfer_seconds
-            tracing.set_attributes(span, **{
-                "tandem.kv_bytes": r.kv_bytes, "tandem.backend": r.backend,
-                "tandem.queue_shard": r.queue_shard, "tandem.descriptors": r.num_descriptors,
-                "tandem.gbps": r.kv_bytes / seconds / 1e9 if seconds > 0 else 0.0})
-            return r
+            response = await self.core.send_kv(request)
+            if span is not None:  # tracing on
+                span.set_attributes(tracing.kv_transfer_attributes(response,
+                                                                   len(request.page_ids)))
+            return response
 
     @_mapped
     async def ReleaseRoom(self, request: kvd_pb2.ReleaseRoomRequest,

@@ -115,7 +115,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             start = time.perf_counter()
             with tracing.span("kv.transfer", **{"tandem.room": d.room}) as span:
                 sent = await self._send(d.room, d.peer_kvd_address, first)
-                tracing.set_attributes(span, **_transfer_attributes(sent, first))
+                if span is not None:  # tracing on
+                    span.set_attributes(tracing.kv_transfer_attributes(
+                        sent, len(first.kv_page_ids or [])))
             self.metrics.kv_send_seconds.observe(time.perf_counter() - start)
             self.metrics.kv_sent_bytes.inc(sent.kv_bytes)
         except RoomFailed as e:
@@ -179,14 +181,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                            context: grpc.aio.ServicerContext) -> worker_pb2.ModelInfoResponse:
         return model_info_to_proto(self.engine.engine, self.model_name, "prefill",
                                    self.pd.peer_address, self.metrics_address)
-
-
-def _transfer_attributes(sent: kvd_pb2.SendKvResponse, first: RequestOutput) -> dict:
-    seconds = sent.transfer_seconds
-    return {"tandem.pages": len(first.kv_page_ids or []), "tandem.kv_bytes": sent.kv_bytes,
-            "tandem.backend": sent.backend, "tandem.queue_shard": sent.queue_shard,
-            "tandem.descriptors": sent.num_descriptors,
-            "tandem.gbps": sent.kv_bytes / seconds / 1e9 if seconds > 0 else 0.0}
 
 
 class PrefillWorker:
