@@ -38,6 +38,7 @@ import httpx
 from bench.procs import free_port, start, stop, wait_grpc, wait_http
 from services.bench.report import machine_info
 from services.common.proto.tandem.v1 import worker_pb2, worker_pb2_grpc
+from services.gateway.router import with_room
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -105,14 +106,6 @@ def unified_deployment(tmp: Path) -> Deployment:
 PROMPT = "Say hi."
 
 
-def _with_room(request: worker_pb2.GenerateRequest, room: str,
-               peer: str) -> worker_pb2.GenerateRequest:
-    copy = worker_pb2.GenerateRequest()
-    copy.CopyFrom(request)
-    copy.disaggregation.CopyFrom(worker_pb2.DisaggregationInfo(room=room, peer_kvd_address=peer))
-    return copy
-
-
 class RawHttp:
     """One persistent HTTP/1.1 connection with next to no client-side cost, so that the
     gateway's share is measured rather than an HTTP library's (httpx costs ~0.5 ms a call
@@ -173,9 +166,9 @@ async def _overhead(d: Deployment, pd: bool, samples: int
             if pd:
                 room = uuid.uuid4().hex
                 await asyncio.gather(
-                    decode_leg(_with_room(request, room, p_kvd)),
+                    decode_leg(with_room(request, room, p_kvd)),
                     p_stub.Prefill(worker_pb2.PrefillRequest(
-                        request=_with_room(request, room, d_kvd)), timeout=60))
+                        request=with_room(request, room, d_kvd)), timeout=60))
             else:
                 await decode_leg(request)
             t_direct = time.perf_counter() - started

@@ -171,8 +171,8 @@ class Router:
         room = uuid.uuid4().hex
         if span is not None:
             span.set_attribute("tandem.room", room)
-        decode_req = _with_room(request, room, prefill.kvd_peer_address)
-        prefill_req = _with_room(request, room, decode.kvd_peer_address)
+        decode_req = with_room(request, room, prefill.kvd_peer_address)
+        prefill_req = with_room(request, room, decode.kvd_peer_address)
         timeout = _remaining(deadline)
         metadata = tracing.metadata_for(span)
         decode_call = decode.stub.Generate(decode_req, timeout=timeout, metadata=metadata)
@@ -270,8 +270,9 @@ def _attempt_request(request: worker_pb2.GenerateRequest,
     return copy
 
 
-def _with_room(request: worker_pb2.GenerateRequest, room: str,
-               peer: str) -> worker_pb2.GenerateRequest:
+def with_room(request: worker_pb2.GenerateRequest, room: str,
+              peer: str) -> worker_pb2.GenerateRequest:
+    """One PD leg of `request`: a copy naming the room and the other side's kvd."""
     copy = worker_pb2.GenerateRequest()
     copy.CopyFrom(request)
     copy.disaggregation.room = room
