@@ -1,17 +1,23 @@
 """Suite-wide rules: `@pytest.mark.gpu` tests run only where CUDA is available (the lent GPU
-machine); elsewhere they are reported as skipped with the reason, never counted as passing."""
+machine); elsewhere they are reported as skipped with the reason, never counted as passing.
+Where CUDA is missing, Triton kernels run in Triton's interpreter (switched on here, before any
+test module imports triton), so their tests check them on the CPU too."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    from tests.engine.triton_cpu import enable
+
+    enable()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the lent GPU machine)")

@@ -18,6 +18,9 @@ MODES = ("null", "prefill", "decode")
 TRANSFER_BACKENDS = ("nixl", "mooncake", "ascend")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# SGLang's --dtype names; auto: bfloat16 on CUDA, float32 on CPU
+DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 
 
 def default_kvd_socket() -> str:
@@ -53,6 +56,10 @@ class ServeConfig:
     moe_a2a_backend: str | None = None  # "none" is the same as unset
     mem_fraction_static: float | None = None  # GPU: share of device memory for weights + KV
     max_running_requests: int = 64
+    dtype: str = "auto"  # weights and KV; auto: bfloat16 on CUDA, float32 on CPU
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch_native on CPU
+    disable_cuda_graph: bool = False  # CUDA: run decode steps eagerly
+    cuda_graph_max_bs: int | None = None  # largest decode batch captured; None: max running
     # --- Tandem's ---
     served_model_name: str | None = None  # None: the folder / file name
     page_size: int = 16  # tokens per KV page
@@ -71,6 +78,8 @@ class ServeConfig:
         _check_choice("--disaggregation-transfer-backend", self.disaggregation_transfer_backend,
                       TRANSFER_BACKENDS)
         _check_choice("--device", self.device, DEVICES)
+        _check_choice("--dtype", self.dtype, DTYPES)
+        _check_choice("--attention-backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("--log-level", self.log_level, LOG_LEVELS)
         _check_range("--port", self.port, 0, 65535)
         _check_range("--kvd-port", self.kvd_port, 1, 65535)
@@ -81,7 +90,7 @@ class ServeConfig:
             ("--tp-size", self.tp_size), ("--dp-size", self.dp_size), ("--nnodes", self.nnodes),
             ("--page-size", self.page_size), ("--max-running-requests", self.max_running_requests),
             ("--chunked-prefill-size", self.chunked_prefill_size),
-            ("--num-kv-pages", self.num_kv_pages))
+            ("--num-kv-pages", self.num_kv_pages), ("--cuda-graph-max-bs", self.cuda_graph_max_bs))
         for flag, value in positive:
             _check_range(flag, value, 1)
         _check_range("--max-model-len", self.max_model_len, 2)
@@ -159,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         "num_kv_pages": "KV pool size in pages (default 2048 on CPU; --mem-fraction-static "
                         "sizes it on GPU)",
         "device": "auto: cuda if available, else cpu",
+        "dtype": "weights and KV cache; auto: bfloat16 on CUDA, float32 on CPU",
+        "attention_backend": "auto: triton on CUDA, torch_native (the reference) on CPU",
         "kvd_socket": "unix socket of this node's kvd (PD modes; default $TANDEM_KVD_SOCKET or "
                       "/tmp/tandem-kvd-UID.sock)",
         "kvd_port": "TCP peer port of this node's kvd (PD modes; default $TANDEM_KVD_PORT or "
@@ -168,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "by GetModelInfo; -1: off)",
     }
     choices = {"disaggregation_mode": MODES, "disaggregation_transfer_backend": TRANSFER_BACKENDS,
-               "device": DEVICES, "log_level": LOG_LEVELS}
+               "device": DEVICES, "log_level": LOG_LEVELS, "dtype": DTYPES,
+               "attention_backend": ATTENTION_BACKENDS}
     for f in fields(ServeConfig):
         default = getattr(d, f.name)
         flag, help_text = _flag(f.name), helps.get(f.name)

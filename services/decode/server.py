@@ -40,7 +40,7 @@ from services.common.serve_config import ServeConfig
 from services.common.worker_metrics import CANCELLED, WorkerMetrics
 from services.engine.engine import LLMEngine
 from services.engine.engine_loop import EngineLoop, EngineStepError, EngineStopped
-from services.engine.loader import LoadedModel, load_model
+from services.engine.loader import LoadedModel, load_model, resolve_dtype
 from services.engine.output import RequestOutput
 from services.engine.runtime import build_engine, resolve_device
 from services.engine.sampling_params import SamplingParams
@@ -141,7 +141,8 @@ class Worker:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.device = resolve_device(config)
-        self.loaded = load_model(config.model_path, device=self.device)
+        self.loaded = load_model(config.model_path, device=self.device,
+                                 dtype=resolve_dtype(config.dtype, self.device))
         self.engine: EngineLoop | None = None
 
     async def make_engine(self) -> LLMEngine:

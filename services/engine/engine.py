@@ -53,6 +53,9 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     device: str = "cpu"
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch_native on CPU
+    disable_cuda_graph: bool = False  # CUDA: decode steps run eagerly
+    cuda_graph_max_bs: int | None = None  # largest captured decode batch; None: max running
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -63,12 +66,18 @@ class EngineConfig:
             raise ValueError(
                 f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"
             )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got "
+                             f"{self.attention_backend!r}")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            raise ValueError(f"--cuda-graph-max-bs must be >= 1, got {self.cuda_graph_max_bs}")
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_running_requests, self.chunked_prefill_size)
 
 
 DEFAULT_CPU_PAGES = 2048
+ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 
 
 class LLMEngine:
@@ -85,15 +94,40 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool.layout.num_pages, self.pool.layout.page_size,
                                  config.enable_prefix_cache)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
-        attention = TorchPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                        mc.sliding_window)
-        self.runner = ModelRunner(model, self.pool, attention)
+        self.runner = self._runner()
         self.sampler = Sampler()
         eos = set(mc.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
         self._requests: dict[str, RequestState] = {}  # every live request, in any state
         self._keep_kv: set[str] = set()  # PD prefill requests whose pages outlive them
         self._arrivals = itertools.count()
+
+    def _runner(self) -> ModelRunner:
+        """The model runner with the configured attention backend (and decode CUDA graphs)."""
+        mc, cfg, device = self.model_config, self.config, self.model.device
+        backend = cfg.attention_backend
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch_native"
+        if backend == "torch_native":
+            attention = TorchPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                            mc.sliding_window)
+            return ModelRunner(self.model, self.pool, attention)
+        if device.type != "cuda":
+            raise ValueError("--attention-backend triton needs a CUDA device; use torch_native")
+        from services.engine.triton_attention import TritonPagedAttention
+
+        attention = TritonPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                         mc.sliding_window, device)
+        graphs = None
+        if not cfg.disable_cuda_graph:
+            from services.engine.cuda_graphs import DecodeGraphs
+
+            max_bs = min(cfg.cuda_graph_max_bs or cfg.max_running_requests,
+                         cfg.max_running_requests)
+            max_pages = min(-(-self.max_model_len // self.pool.layout.page_size),
+                            self.pool.layout.num_pages)
+            graphs = DecodeGraphs(self.model, self.pool, attention, max_bs, max_pages)
+        return ModelRunner(self.model, self.pool, attention, graphs)
 
     def _layout(self) -> KVLayout:
         mc, cfg = self.model.config, self.config

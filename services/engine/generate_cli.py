@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.loader import load_model
+from services.engine.loader import DTYPES, load_model, resolve_dtype
 from services.engine.output import Completion
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", type=int, default=None, help="top-k logprobs per token")
     defaults = EngineConfig()
     p.add_argument("--device", default=defaults.device)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--page-size", type=int, default=defaults.page_size)
     p.add_argument("--num-kv-pages", type=int, default=defaults.num_pages)
     p.add_argument("--max-running-requests", type=int, default=defaults.max_running_requests)
@@ -89,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
         chunked_prefill_size=args.chunked_prefill_size, max_model_len=args.max_model_len,
         enable_prefix_cache=not args.disable_prefix_cache, device=args.device,
     )
-    loaded = load_model(args.model_path, device=args.device)
+    loaded = load_model(args.model_path, device=args.device,
+                        dtype=resolve_dtype(args.dtype, args.device))
     engine = LLMEngine(loaded.model, loaded.tokenizer, config)
     prompts = [_tokenize(loaded.tokenizer, item, i) for i, item in enumerate(items)]
     params = [SamplingParams.create(**{**base, **{k: v for k, v in item.items()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.serve_config import DTYPES  # noqa: F401  (re-exported for the CLIs)
 from services.engine.config import ModelConfig
 from services.engine.embedded import EMBEDDED_MODEL_NAME, embedded_model_path
 from services.engine.gguf_loader import load_gguf
@@ -72,3 +73,15 @@ def load_model(model_path: str | None, device: str | torch.device = "cpu",
     check_weights(config, weights)
     model = LlamaModel(config, weights, device=device, dtype=dtype)
     return LoadedModel(name, path, config, model, tokenizer)
+
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`--dtype` (one of `DTYPES`); auto: bfloat16 on CUDA, float32 on CPU (bfloat16 is
+    slower on these CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return _DTYPES[name]

@@ -6,6 +6,10 @@ weights dict is consumed (emptied) so no second copy stays alive. `forward` runs
 of a whole batch (prefill chunks and decodes mixed) and returns their final hidden states;
 attention, and every read or write of the KV pool, goes through the `AttentionBackend`.
 `compute_logits` projects only the rows the caller samples from.
+
+The element-wise steps (residual add + RMSNorm, rotary embeddings, SiLU-and-multiply) run as
+torch operations (the reference, and the CPU path) or, with `fused` (default: on CUDA), as the
+fused Triton kernels of `triton_ops.py`: same math, fewer launches.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ class _Layer:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 fused: bool | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
+        self.fused = self.device.type == "cuda" if fused is None else fused
 
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
@@ -90,28 +96,63 @@ class LlamaModel:
         cfg = self.config
         eps = cfg.rms_norm_eps
         num_tokens = input_ids.shape[0]
-        hidden = self.embed[input_ids]  # [num_tokens, hidden]
-        cos, sin = self.rope.cos_sin(positions)  # [num_tokens, 1, head_dim]
-        norm_shape = (cfg.hidden_size,)
-        head_shape = (cfg.head_dim,)
+        add_norm, rope, silu_mul = self._ops()
+        h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        head_shape = (d,)
+        residual = self.embed[input_ids]  # [num_tokens, hidden]
+        x = F.rms_norm(residual, (cfg.hidden_size,), self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split(self._qkv_split, dim=-1)
-            q = q.view(num_tokens, cfg.num_heads, cfg.head_dim)
-            k = k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            if layer.q_norm is not None:
-                q = F.rms_norm(q, head_shape, layer.q_norm, eps)
-                k = F.rms_norm(k, head_shape, layer.k_norm, eps)
-            q = self.rope.apply(q, cos, sin)
-            k = self.rope.apply(k, cos, sin)
-            attn_out = attention.forward(i, q, k, v, pool, meta)  # [num_tokens, heads * dim]
-            hidden = hidden + F.linear(attn_out, layer.o, layer.o_bias)
-            x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
-        return F.rms_norm(hidden, norm_shape, self.final_norm, eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [num_tokens, (h + 2 kvh) d]
+            if layer.q_norm is None:
+                qk = rope(qkv[:, : (h + kvh) * d].view(num_tokens, h + kvh, d), positions)
+                q, k = qk[:, :h], qk[:, h:]
+            else:
+                q = F.rms_norm(qkv[:, : h * d].view(num_tokens, h, d), head_shape,
+                               layer.q_norm, eps)
+                k = F.rms_norm(qkv[:, h * d : (h + kvh) * d].view(num_tokens, kvh, d),
+                               head_shape, layer.k_norm, eps)
+                q, k = rope(q, positions), rope(k, positions)
+            v = qkv[:, (h + kvh) * d :].view(num_tokens, kvh, d)
+            attn_out = attention.forward(i, q, k, v, pool, meta)  # [num_tokens, h * d]
+            o = F.linear(attn_out, layer.o, layer.o_bias)
+            residual, x = add_norm(o, residual, layer.post_norm, eps)
+            mlp = F.linear(silu_mul(F.linear(x, layer.gate_up)), layer.down)
+            next_norm = (self.layers[i + 1].input_norm if i + 1 < len(self.layers)
+                         else self.final_norm)
+            residual, x = add_norm(mlp, residual, next_norm, eps)
+        return x
+
+    def _ops(self) -> tuple[Any, Any, Any]:
+        """(add_norm, rope, silu_mul): the fused Triton kernels or the torch reference."""
+        if self.fused:
+            from services.engine import triton_ops
+
+            cos, sin = self.rope.cos, self.rope.sin
+
+            def fused_add_norm(x, residual, weight, eps):
+                out = triton_ops.add_rms_norm(x, residual, weight, eps)
+                return residual, out
+
+            def fused_rope(t, positions):
+                return triton_ops.rope_(t, positions, cos, sin)
+
+            return fused_add_norm, fused_rope, triton_ops.silu_mul
+        hidden_shape = (self.config.hidden_size,)
+        rotary = self.rope
+
+        def add_norm(x, residual, weight, eps):
+            residual = residual + x
+            return residual, F.rms_norm(residual, hidden_shape, weight, eps)
+
+        def rope(t, positions):
+            cos, sin = rotary.cos_sin(positions)
+            return rotary.apply(t, cos, sin)
+
+        def silu_mul(gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+        return add_norm, rope, silu_mul
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> float32 logits [num_rows, vocab]."""

@@ -4,12 +4,14 @@ Contract: `ModelRunner.run(batch)` computes, for every sequence of the batch, th
 chunk `token_ids[num_computed_tokens : num_computed_tokens + num_new]` into the sequence's pages,
 and returns logits only for the sequences whose chunk reaches their last token (those that
 sample a next token now), with their indices in the batch. It does not change the sequences:
-progress is the scheduler's to commit.
+progress is the scheduler's to commit. Decode-only batches run through captured CUDA graphs
+when the runner has them (`DecodeGraphs.fits`); everything else runs eagerly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +19,9 @@ from services.engine.attention import AttentionBackend, SequenceChunk
 from services.engine.kv_pool import KVPool
 from services.engine.model import LlamaModel
 from services.engine.scheduler import ScheduledBatch
+
+if TYPE_CHECKING:  # Triton is needed only where graphs are captured
+    from services.engine.cuda_graphs import DecodeGraphs
 
 
 @dataclass(slots=True)
@@ -26,10 +31,12 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool, attention: AttentionBackend) -> None:
+    def __init__(self, model: LlamaModel, pool: KVPool, attention: AttentionBackend,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.pool = pool
         self.attention = attention
+        self.graphs = graphs
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunnerOutput:
@@ -47,6 +54,11 @@ class ModelRunner:
             if end == seq.num_tokens:
                 last_rows.append(len(input_ids) - 1)
                 sample_indices.append(i)
+        if self.graphs is not None and self.graphs.fits(chunks):
+            logits = self.graphs.run(input_ids, chunks)
+            if len(sample_indices) < len(chunks):
+                logits = logits[torch.tensor(sample_indices, device=logits.device)]
+            return RunnerOutput(logits, sample_indices)
         device = self.model.device
         meta = self.attention.prepare(chunks, self.pool)
         hidden = self.model.forward(

@@ -18,7 +18,7 @@ from services.common.kvd_client import KvdClient, advertised_host, ensure_kvd, k
 from services.common.serve_config import ServeConfig
 from services.engine.engine import DEFAULT_CPU_PAGES, EngineConfig, LLMEngine
 from services.engine.kv_pool import KVPool
-from services.engine.loader import LoadedModel, load_model
+from services.engine.loader import LoadedModel, load_model, resolve_dtype
 from services.engine.pd_pool import dtype_name, kvd_pool, layout_for, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -52,14 +52,17 @@ def engine_config(config: ServeConfig, device: str) -> EngineConfig:
         max_running_requests=config.max_running_requests,
         chunked_prefill_size=config.chunked_prefill_size,
         enable_prefix_cache=not config.disable_prefix_cache,
-        max_model_len=config.max_model_len, device=device)
+        max_model_len=config.max_model_len, device=device,
+        attention_backend=config.attention_backend, disable_cuda_graph=config.disable_cuda_graph,
+        cuda_graph_max_bs=config.cuda_graph_max_bs)
 
 
 def build_engine(config: ServeConfig, pool: KVPool | None = None,
                  loaded: LoadedModel | None = None) -> tuple[LoadedModel, LLMEngine]:
     device = resolve_device(config)
     if loaded is None:
-        loaded = load_model(config.model_path, device=device)
+        loaded = load_model(config.model_path, device=device,
+                            dtype=resolve_dtype(config.dtype, device))
     engine = LLMEngine(loaded.model, loaded.tokenizer, engine_config(config, device), pool=pool)
     logger.info("model %s on %s: %d KV pages of %d tokens, context %d", loaded.name, device,
                 engine.kv.num_pages, engine.kv.page_size, engine.max_model_len)

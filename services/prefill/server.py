@@ -39,7 +39,7 @@ from services.common.proto.tandem.v1 import kvd_pb2, profiler_pb2_grpc, worker_p
 from services.common.serve_config import ServeConfig
 from services.common.worker_metrics import CANCELLED, SENT, RequestTimer, WorkerMetrics
 from services.engine.engine_loop import EngineLoop, EngineStepError, EngineStopped
-from services.engine.loader import LoadedModel, load_model
+from services.engine.loader import LoadedModel, load_model, resolve_dtype
 from services.engine.output import RequestOutput
 from services.engine.runtime import PDAttachment, build_pd_engine, resolve_device
 from services.engine.sampling_params import SamplingParams
@@ -187,7 +187,8 @@ class PrefillWorker:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.device = resolve_device(config)
-        self.loaded = load_model(config.model_path, device=self.device)
+        self.loaded = load_model(config.model_path, device=self.device,
+                                 dtype=resolve_dtype(config.dtype, self.device))
 
     async def serve(self) -> int:
         config = self.config

@@ -248,3 +248,13 @@ def test_load_model_refuses_a_folder_with_two_ggufs(tmp_path):
         load_model(str(tmp_path))
     assert str(tmp_path) in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"attention_backend": "triton"}, "needs a CUDA device"),
+    ({"attention_backend": "flashinfer"}, "--attention-backend must be one of"),
+    ({"cuda_graph_max_bs": 0}, "--cuda-graph-max-bs must be >= 1"),
+])
+def test_gpu_only_or_unknown_engine_options_are_refused_on_cpu(loaded, overrides, words):
+    with pytest.raises(ValueError, match=words):
+        _make_engine(loaded, **overrides)
