@@ -60,6 +60,7 @@ class ServeConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, torch_native on CPU
     disable_cuda_graph: bool = False  # CUDA: run decode steps eagerly
     cuda_graph_max_bs: int | None = None  # largest decode batch captured; None: max running
+    disable_overlap_schedule: bool = False  # CUDA: decode steps do not overlap host and GPU
     # --- Tandem's ---
     served_model_name: str | None = None  # None: the folder / file name
     page_size: int = 16  # tokens per KV page

@@ -8,8 +8,10 @@ of `b` decoding sequences fills the buffers (padding up to the next captured siz
 
 Contract: `DecodeGraphs.run` takes only batches where every sequence computes exactly one new
 token and `len(chunks) <= max_batch` (`fits` says so); it returns float32 logits of every row of
-the batch, in batch order. The returned tensor is overwritten by the next replay. The graphs
-read the KV pool in place: the pool tensor must not be reallocated while they exist.
+the batch, in batch order, without waiting for the GPU. Input tokens not yet known on the host
+(overlapped decoding) come from a device tensor (`DeviceTokens`), copied on the GPU before the
+replay. The returned tensor is overwritten by the next replay. The graphs read the KV pool in
+place: the pool tensor must not be reallocated while they exist.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from services.engine.attention import SequenceChunk
 from services.engine.kv_pool import KVPool
 from services.engine.model import LlamaModel
+from services.engine.runner import DeviceTokens
 from services.engine.triton_attention import TritonPagedAttention
 
 logger = logging.getLogger(__name__)
@@ -81,11 +84,18 @@ class DecodeGraphs:
     def fits(self, chunks: list[SequenceChunk]) -> bool:
         return len(chunks) <= self.max_batch and all(c.num_new == 1 for c in chunks)
 
-    def run(self, input_ids: list[int], chunks: list[SequenceChunk]) -> torch.Tensor:
+    def run(self, input_ids: list[int], chunks: list[SequenceChunk],
+            device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         """Logits [len(chunks), vocab] of one decode step (see the module contract)."""
         size = next(s for s in self.sizes if s >= len(chunks))
         layout = self.pool.layout
-        self.buffers.fill(size, input_ids, chunks, layout.page_size, layout.rows_per_page)
+        feed = None if device_tokens is None else (device_tokens.rows,
+                                                   device_tokens.source_rows)
+        self.buffers.fill(size, input_ids, chunks, layout.page_size, layout.rows_per_page, feed)
+        if device_tokens is not None:
+            rows, sources = self.buffers.token_feed_rows(len(device_tokens.rows))
+            self.buffers.input_ids.index_copy_(0, rows, device_tokens.tokens.index_select(0,
+                                                                                     sources))
         graph, logits = self._graphs[size]
         graph.replay()
         return logits[: len(chunks)]

@@ -5,7 +5,10 @@ Contract (single-threaded; the caller owns the loop):
   `EngineInputError` and changes nothing.
 - `step()` schedules, runs the model once, samples, and returns one `RequestOutput` per request
   that produced a token (prefill chunks that do not reach the last prompt token produce none).
-  Finished requests have released their pages before `step` returns.
+  Finished requests have released their pages before `step` returns. With decode CUDA graphs,
+  steps where every request decodes are overlapped (`overlap.py`): such a step returns the
+  previous step's outputs, and a finished request's pages are released once the GPU is done
+  with them (at the latest when the engine has no more work).
 - `abort(request_id)` ends a request wherever it is (queued, prefilling, decoding) and frees its
   pages at once.
 PD hooks (the engine never moves KV itself; kvd does, between the calls):
@@ -31,6 +34,7 @@ from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.kv_pool import KVLayout, KVPool
 from services.engine.model import LlamaModel
 from services.engine.output import Completion, RequestOutput, RequestState
+from services.engine.overlap import OverlappedDecode
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler, TokenLogprobs, make_generator, skip_one_draw
 from services.engine.sampling_params import SamplingParams
@@ -56,6 +60,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, torch_native on CPU
     disable_cuda_graph: bool = False  # CUDA: decode steps run eagerly
     cuda_graph_max_bs: int | None = None  # largest captured decode batch; None: max running
+    disable_overlap_schedule: bool = False  # CUDA graphs: no host/GPU overlap of decode steps
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -95,6 +100,11 @@ class LLMEngine:
                                  config.enable_prefix_cache)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
         self.runner = self._runner()
+        graphs = self.runner.graphs
+        self._overlap = (OverlappedDecode(graphs.max_batch, model.device)
+                         if graphs is not None and not config.disable_overlap_schedule
+                         else None)
+        self._pending: list[RequestOutput] = []  # outputs of a drained step, for the next step
         self.sampler = Sampler()
         eos = set(mc.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
@@ -213,6 +223,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now; its final output, or None if it is not (or no longer) here."""
+        self._drain()
         state = self._requests.pop(request_id, None)
         if state is None:
             return None
@@ -224,9 +235,10 @@ class LLMEngine:
         return bool(self._requests)
 
     def has_work(self) -> bool:
-        """Whether `step` would compute anything (requests waiting for KV or holding KV for a
-        transfer do not count)."""
-        return self.scheduler.num_unfinished > 0
+        """Whether `step` would compute or return anything (requests waiting for KV or holding
+        KV for a transfer do not count)."""
+        return (self.scheduler.num_unfinished > 0 or bool(self._pending)
+                or (self._overlap is not None and self._overlap.busy))
 
     @property
     def num_unfinished(self) -> int:
@@ -258,14 +270,23 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        if self._overlap is not None and self._overlap.eligible(self):
+            return outputs + self._overlap.step(self)
+        outputs += self._overlap.drain(self) if self._overlap is not None else []
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return outputs
         result = self.runner.run(batch)
         self.scheduler.commit(batch)
-        return self._sample_and_append(
+        return outputs + self._sample_and_append(
             [batch.seqs[i] for i in result.sample_indices], result.logits
         )
+
+    def _drain(self) -> None:
+        """Finish an overlapped step in flight; its outputs go out with the next `step`."""
+        if self._overlap is not None and self._overlap.busy:
+            self._pending += self._overlap.drain(self)
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         if not seqs:

@@ -11,7 +11,7 @@ when the runner has them (`DecodeGraphs.fits`); everything else runs eagerly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -22,6 +22,14 @@ from services.engine.scheduler import ScheduledBatch
 
 if TYPE_CHECKING:  # Triton is needed only where graphs are captured
     from services.engine.cuda_graphs import DecodeGraphs
+
+
+class DeviceTokens(NamedTuple):
+    """Input tokens still on the GPU: batch row `rows[i]` takes `tokens[source_rows[i]]`."""
+
+    rows: list[int]
+    tokens: torch.Tensor  # [m] long, on the GPU (a previous step's sampled tokens)
+    source_rows: list[int]
 
 
 @dataclass(slots=True)
@@ -39,7 +47,9 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> RunnerOutput:
+    def run(self, batch: ScheduledBatch,
+            device_tokens: DeviceTokens | None = None) -> RunnerOutput:
+        """`device_tokens`: input tokens only the GPU knows yet (decode graphs only)."""
         input_ids: list[int] = []
         positions: list[int] = []
         chunks: list[SequenceChunk] = []
@@ -55,10 +65,11 @@ class ModelRunner:
                 last_rows.append(len(input_ids) - 1)
                 sample_indices.append(i)
         if self.graphs is not None and self.graphs.fits(chunks):
-            logits = self.graphs.run(input_ids, chunks)
+            logits = self.graphs.run(input_ids, chunks, device_tokens)
             if len(sample_indices) < len(chunks):
                 logits = logits[torch.tensor(sample_indices, device=logits.device)]
             return RunnerOutput(logits, sample_indices)
+        assert device_tokens is None, "device-side input tokens need a decode graph"
         device = self.model.device
         meta = self.attention.prepare(chunks, self.pool)
         hidden = self.model.forward(

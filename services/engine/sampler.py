@@ -75,6 +75,20 @@ class Sampler:
         prompt_token_ids: Sequence[Sequence[int]],
         output_token_ids: Sequence[Sequence[int]],
     ) -> SamplerOutput:
+        token_ids, logprobs = self.sample_on_device(logits, params, generators,
+                                                    prompt_token_ids, output_token_ids)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def sample_on_device(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """As `__call__`, but the token ids stay on the logits' device ([batch] long), so the
+        caller need not wait for them; rows asking for logprobs make it wait here."""
         _check_batch(logits, params, generators, prompt_token_ids, output_token_ids)
         if logits.dtype != torch.float32:
             logits = logits.float()
@@ -83,8 +97,7 @@ class Sampler:
             token_ids = logits.argmax(dim=-1)  # [batch]
         else:
             token_ids = _sample(logits, params, generators, prompt_token_ids, output_token_ids)
-        logprobs = _gather_logprobs(logits, token_ids, params, logprob_rows)
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+        return token_ids, _gather_logprobs(logits, token_ids, params, logprob_rows)
 
 
 def _check_batch(

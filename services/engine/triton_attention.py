@@ -188,17 +188,33 @@ class TritonPagedAttention:
 class DecodeBuffers:
     """Fixed metadata tensors for decode batches of up to `max_batch` sequences, filled in place
     before each CUDA-graph replay. `metadata(batch)` views the first `batch` rows; rows past
-    the real batch are padding (no store, zero output)."""
+    the real batch are padding (no store, zero output).
+
+    `fill` never makes the host wait for the GPU: on CUDA it stages the metadata in pinned
+    memory and copies it asynchronously (two staging sets, alternating, so a set is rewritten
+    only after the copy from it two fills ago, which the caller has waited for by then: every
+    step waits for the tokens of the step before)."""
+
+    # rows of `header`: the graph inputs, then the device-side token feed (`fill`'s
+    # `token_rows` take the previous step's tokens at `token_sources`)
+    INPUT_IDS, POSITIONS, SLOT_ROWS, KV_LENS, TOKEN_ROWS, TOKEN_SOURCES = range(6)
 
     def __init__(self, backend: TritonPagedAttention, max_batch: int, max_pages: int) -> None:
         device = backend.device
         self.backend = backend
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_rows = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self.header = torch.zeros((6, max_batch), dtype=torch.int64, device=device)
+        self.input_ids = self.header[self.INPUT_IDS]
+        self.positions = self.header[self.POSITIONS]
+        self.slot_rows = self.header[self.SLOT_ROWS]
+        self.kv_lens = self.header[self.KV_LENS]
+        self.slot_rows.fill_(-1)
         self.q_rows = torch.arange(max_batch, dtype=torch.int64, device=device)
         self.page_table = torch.zeros((max_batch, max_pages), dtype=torch.int32, device=device)
-        self.kv_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self._staging = [(torch.zeros((6, max_batch), dtype=torch.int64, pin_memory=pin),
+                          torch.zeros((max_batch, max_pages), dtype=torch.int32, pin_memory=pin))
+                         for _ in range(2)]
+        self._turn = 0
         self._partials: dict[int, dict[str, torch.Tensor]] = {}
 
     def metadata(self, batch: int) -> TritonAttentionMetadata:
@@ -210,25 +226,38 @@ class DecodeBuffers:
         return TritonAttentionMetadata(self.slot_rows[:batch], decode, None)
 
     def fill(self, padded_batch: int, input_ids: list[int], chunks: list[SequenceChunk],
-             page_size: int, rows_per_page: int) -> None:
+             page_size: int, rows_per_page: int,
+             token_feed: tuple[list[int], list[int]] | None = None) -> None:
         """Write one decode batch (every chunk one new token) into the first rows; rows up to
-        `padded_batch` become padding."""
+        `padded_batch` become padding. `token_feed` = (rows, sources): rows whose input token is
+        a placeholder (-1) the caller copies on the device (`token_feed_rows`)."""
         b = len(chunks)
-        table, kv_lens = _page_table(chunks, page_size)
-        positions = kv_lens.astype(np.int64) - 1
-        pages = table[np.arange(b), positions // page_size].astype(np.int64)
-        ints = np.zeros((4, padded_batch), dtype=np.int64)
-        ints[0, :b] = input_ids
-        ints[1, :b] = positions
-        ints[2, :] = -1
-        ints[2, :b] = pages * rows_per_page + positions % page_size
-        ints[3, :b] = kv_lens
-        staged = torch.from_numpy(ints).to(self.input_ids.device)
-        self.input_ids[:padded_batch].copy_(staged[0])
-        self.positions[:padded_batch].copy_(staged[1])
-        self.slot_rows[:padded_batch].copy_(staged[2])
-        self.kv_lens[:padded_batch].copy_(staged[3])
-        self.page_table[:b, : table.shape[1]].copy_(torch.from_numpy(table))
+        header, table = self._staging[self._turn]
+        self._turn ^= 1
+        h, t = header.numpy(), table.numpy()
+        kv_lens = np.fromiter((c.num_cached + c.num_new for c in chunks), np.int64, b)
+        for i, chunk in enumerate(chunks):
+            n = -(-int(kv_lens[i]) // page_size)
+            t[i, :n] = chunk.page_ids[:n]
+        positions = kv_lens - 1
+        pages = t[np.arange(b), positions // page_size].astype(np.int64)
+        h[:4, b:padded_batch] = 0
+        h[self.SLOT_ROWS, b:padded_batch] = -1
+        h[self.INPUT_IDS, :b] = input_ids
+        np.maximum(h[self.INPUT_IDS, :b], 0, out=h[self.INPUT_IDS, :b])
+        h[self.POSITIONS, :b] = positions
+        h[self.SLOT_ROWS, :b] = pages * rows_per_page + positions % page_size
+        h[self.KV_LENS, :b] = kv_lens
+        if token_feed is not None:
+            rows, sources = token_feed
+            h[self.TOKEN_ROWS, : len(rows)] = rows
+            h[self.TOKEN_SOURCES, : len(rows)] = sources
+        self.header.copy_(header, non_blocking=True)
+        self.page_table[:b].copy_(table[:b], non_blocking=True)
+
+    def token_feed_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, sources) of the last `fill`'s token feed, on the device."""
+        return self.header[self.TOKEN_ROWS, :n], self.header[self.TOKEN_SOURCES, :n]
 
 
 def _page_table(chunks: list[SequenceChunk], page_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,16 +42,57 @@ def test_gpu_greedy_tokens_equal_cpu(tmp_path, family, backend):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, VOCAB_SIZE - 3, (n,), generator=g).tolist()
                for n in (5, 31, 64, 100, 1, 17, 40, 3, 77, 12, 50)]
-    cpu = _engine(tmp_path, "cpu", num_pages=256).generate(prompts, GREEDY)
+    # requests end at different steps, some while the others' next step is in flight
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+              for n in (24, 5, 13, 1, 30, 24, 2, 17, 24, 9, 24)]
+    cpu = _engine(tmp_path, "cpu", num_pages=256).generate(prompts, params)
     options = {"triton+graphs": {"attention_backend": "triton"},
                "triton": {"attention_backend": "triton", "disable_cuda_graph": True},
                "torch_native": {"attention_backend": "torch_native"}}[backend]
     engine = _engine(tmp_path, "cuda", num_pages=256, chunked_prefill_size=32,
                      max_running_requests=16, **options)
     assert (engine.runner.graphs is not None) == (backend == "triton+graphs")
-    gpu = engine.generate(prompts, GREEDY)
+    gpu = engine.generate(prompts, params)
     assert [r.token_ids for r in gpu] == [r.token_ids for r in cpu]
-    assert engine.kv.num_held_pages == 0
+    assert [r.finish_reason for r in gpu] == [r.finish_reason for r in cpu]
+    assert engine.kv.num_held_pages == 0 and not engine.has_work()
+
+
+def test_overlapped_decode_equals_eager_with_seeded_sampling_and_aborts(tmp_path):
+    """Overlapped graph steps (outputs one step late, tokens fed on the GPU) against the same
+    graphs without overlap: the same seeded samples and penalties; aborts mid-decode free
+    everything."""
+    make_tiny_model("llama", tmp_path)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, VOCAB_SIZE - 3, (n,), generator=g).tolist()
+               for n in (9, 40, 23, 61, 5, 33)]
+    params = [SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=100 + i,
+                             ignore_eos=True, frequency_penalty=0.5 * (i % 2))
+              for i in range(len(prompts))]
+    results = {}
+    for name, options in (("overlap", {}), ("serial", {"disable_overlap_schedule": True})):
+        engine = _engine(tmp_path, "cuda", num_pages=128, attention_backend="triton",
+                         **options)
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(f"r{i}", prompt, p)
+        tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+        steps = 0
+        while engine.has_work():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+            steps += 1
+            if steps == 8:  # mid-decode in both modes
+                engine.abort("r1")
+                engine.abort("r4")
+        assert engine.kv.num_held_pages == 0
+        assert (engine._overlap is not None) == (name == "overlap")
+        results[name] = tokens
+    for rid in ("r0", "r2", "r3", "r5"):
+        assert results["overlap"][rid] == results["serial"][rid]
+        assert len(results["overlap"][rid]) == 20
+    for rid in ("r1", "r4"):  # aborted: outputs lag one step when overlapped
+        short, long = sorted((results["overlap"][rid], results["serial"][rid]), key=len)
+        assert long[: len(short)] == short and len(long) - len(short) <= 1
 
 
 def test_bf16_triton_and_graphs_logits_track_the_torch_reference(tmp_path):
@@ -85,14 +126,16 @@ def test_bf16_triton_and_graphs_logits_track_the_torch_reference(tmp_path):
 
 
 def test_mem_fraction_static_sizes_the_pool(tmp_path):
+    """The pool takes what --mem-fraction-static leaves after everything already on the card
+    (weights, and here whatever earlier tests of this process still hold)."""
     make_tiny_model("llama", tmp_path)
-    gc.collect()  # engines of earlier tests (their pools, graphs) out of the way
+    gc.collect()
     torch.cuda.empty_cache()
-    engine = _engine(tmp_path, "cuda", mem_fraction_static=0.05)
     free, total = torch.cuda.mem_get_info()
+    fraction = round((total - free) / total + 0.05, 4)
+    engine = _engine(tmp_path, "cuda", mem_fraction_static=fraction)
     pool_bytes = engine.pool.layout.total_bytes
-    assert 0.01 * total < pool_bytes <= 0.05 * total
+    assert 0.04 * total < pool_bytes <= 0.05 * total
     assert engine.pool.data.is_cuda
     (result,) = engine.generate([[1, 2, 3]], GREEDY)
     assert len(result.token_ids) == 24
-
