@@ -4,8 +4,11 @@ Contract: `ensure_kvd` makes sure a kvd answers on the node's unix socket, start
 separate, detached process when none does (it outlives the worker, so the seed's command
 lines, which name no kvd, work as written; the next worker on the node attaches to it). A
 running kvd with another transfer backend is a start-up error. `KvdClient` wraps the local
-KvdService: `attach` returns the worker's pool segment, mapped (the worker computes in it;
-kvd owns it); the other calls are the room operations of kvd.proto.
+KvdService: `attach` returns the worker's pool memory, mapped — a shared-memory segment, or
+with a GPU placement (`gpu_placement`) kvd's VRAM allocation opened through CUDA IPC on the
+worker's GPU (an `IpcMapping` the worker closes on exit; kvd keeps the allocation for a
+re-attach). The worker computes in it; kvd owns it. The other calls are the room operations
+of kvd.proto.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import cudart
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.common.shm import map_segment
+from services.common.vram import IpcMapping
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +135,22 @@ class KvdClient:
         self._channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
         self.stub = kvd_pb2_grpc.KvdServiceStub(self._channel)
 
-    async def attach(self, worker_id: str,
-                     layout: kvd_pb2.KvLayout) -> tuple[kvd_pb2.AttachPoolResponse, mmap.mmap]:
+    async def attach(
+        self, worker_id: str, layout: kvd_pb2.KvLayout,
+        placement: kvd_pb2.KvPlacement | None = None,
+    ) -> tuple[kvd_pb2.AttachPoolResponse, mmap.mmap | IpcMapping]:
+        """The pool, mapped here: host shared memory, or (with `placement`) VRAM on the
+        placement's GPU. A GPU pool takes kvd seconds to allocate and register: 120 s."""
         reply = await self.stub.AttachPool(
-            kvd_pb2.AttachPoolRequest(worker_id=worker_id, layout=layout), timeout=30.0)
-        return reply, map_segment(reply.segment_name, reply.total_bytes)
+            kvd_pb2.AttachPoolRequest(worker_id=worker_id, layout=layout, placement=placement),
+            timeout=30.0 if placement is None else 120.0)
+        if placement is None:
+            return reply, map_segment(reply.segment_name, reply.total_bytes)
+        if not reply.cuda_ipc_handle:
+            raise KvdUnavailable(f"kvd on unix:{self.socket_path} answered a GPU attach "
+                                 "without a CUDA IPC handle")
+        return reply, IpcMapping.open(placement.gpu_index, reply.cuda_ipc_handle,
+                                      reply.total_bytes)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -147,6 +163,12 @@ def kv_layout(num_pages: int, num_layers: int, page_size: int, num_kv_heads: int
     return kvd_pb2.KvLayout(num_pages=num_pages, num_layers=num_layers, page_size=page_size,
                             num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
                             model=model)
+
+
+def gpu_placement(device: int) -> kvd_pb2.KvPlacement:
+    """A VRAM pool on this process's CUDA device `device`, named by UUID for kvd."""
+    cudart.check_device(device)
+    return kvd_pb2.KvPlacement(gpu_index=device, gpu_uuid=cudart.device_uuid(device))
 
 
 def advertised_host(host: str) -> str:

@@ -147,3 +147,6 @@ class DecodeWorker(Worker):
 
     def make_servicer(self, engine: EngineLoop) -> GenerateServicer:
         return DecodeServicer(engine, self.loaded, self.config, self.pd)
+
+    def after_engine_stop(self) -> None:
+        self.pd.close()

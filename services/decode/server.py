@@ -172,4 +172,12 @@ class Worker:
                   f"{config.host}:{port}")
         return await serve_until_signal(
             server, health_servicer, banner, SHUTDOWN_GRACE_S,
-            lambda: len(servicer.live_request_ids), lambda: asyncio.to_thread(engine.stop))
+            lambda: len(servicer.live_request_ids), lambda: asyncio.to_thread(self._stop, engine))
+
+    def _stop(self, engine: EngineLoop) -> None:
+        engine.stop()
+        self.after_engine_stop()
+
+    def after_engine_stop(self) -> None:
+        """Release what the engine computed in, once it has stopped (decode mode: the mapping
+        of kvd's KV pool)."""

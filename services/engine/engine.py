@@ -31,7 +31,7 @@ import torch
 from services.engine.attention import TorchPagedAttention
 from services.engine.config import ModelConfig
 from services.engine.kv_cache_manager import KVCacheManager
-from services.engine.kv_pool import KVLayout, KVPool
+from services.engine.kv_pool import KVLayout, KVPool, pages_for_memory
 from services.engine.model import LlamaModel
 from services.engine.output import Completion, RequestOutput, RequestState
 from services.engine.overlap import OverlappedDecode
@@ -145,15 +145,8 @@ class LLMEngine:
                           mc.head_dim, self.model.dtype)
         num_pages = cfg.num_pages
         if num_pages is None and self.model.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.model.device)
-            fraction = cfg.mem_fraction_static or 0.85
-            budget = int(total * fraction) - (total - free)
-            num_pages = budget // layout.page_bytes
-            if num_pages < 1:
-                raise ValueError(
-                    f"--mem-fraction-static={fraction} leaves no room for the KV pool "
-                    f"({free / 2**30:.1f} of {total / 2**30:.1f} GiB free after loading weights)"
-                )
+            num_pages = pages_for_memory(layout.page_bytes, self.model.device,
+                                         cfg.mem_fraction_static)
         return KVLayout(num_pages or DEFAULT_CPU_PAGES, mc.num_layers, cfg.page_size,
                         mc.num_kv_heads, mc.head_dim, self.model.dtype)
 

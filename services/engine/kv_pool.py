@@ -12,6 +12,7 @@ Contract: `KVPool` never allocates when given a buffer (`KVPool.on_buffer`): the
 to whoever made it (kvd's shared-memory segment, a CUDA IPC mapping) and must outlive the pool.
 `KVPool.allocate` is for standalone use (tests, `tandem generate`). The engine reads and writes
 the pool only through `flat` and the row indices of `slot_rows` / `layer_offset`.
+`pages_for_memory` is the one rule sizing a GPU pool from `--mem-fraction-static`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+DEFAULT_MEM_FRACTION = 0.85  # --mem-fraction-static when not given
+
+
+def pages_for_memory(page_bytes: int, device: torch.device | str,
+                     mem_fraction_static: float | None) -> int:
+    """Pages of `page_bytes` a KV pool may take on a CUDA `device`, measured now (after the
+    weights are loaded): budget = total * fraction - used, used counting every process on the
+    GPU. ValueError naming the flag when nothing is left."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    fraction = mem_fraction_static or DEFAULT_MEM_FRACTION
+    budget = int(total * fraction) - (total - free)
+    num_pages = budget // page_bytes
+    if num_pages < 1:
+        raise ValueError(
+            f"--mem-fraction-static={fraction} leaves no room for the KV pool "
+            f"({free / 2**30:.1f} of {total / 2**30:.1f} GiB free after loading weights)"
+        )
+    return num_pages
 
 
 @dataclass(frozen=True, slots=True)

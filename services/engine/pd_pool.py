@@ -1,9 +1,11 @@
-"""A PD worker's KV pool, in the shared-memory segment its node's kvd owns.
+"""A PD worker's KV pool, in the memory its node's kvd owns.
 
-Contract: `kvd_pool(buffer, layout)` views kvd's mapped segment as the engine's `KVPool` without
-copying; `layout_fields(loaded, page_size, num_pages)` gives the numbers a worker sends kvd
-(the worker converts them to protobuf). The model fingerprint names the model and every shape
-that must agree between a prefill and a decode worker.
+Contract: `kvd_pool(memory, layout)` views kvd's pool as the engine's `KVPool` without copying:
+a mapped shared-memory segment (CPU), or kvd's VRAM opened through CUDA IPC (an `IpcMapping`,
+which must outlive the pool: the worker closes it only on exit); `layout_for(loaded, page_size,
+num_pages)` gives the numbers a worker sends kvd (the worker converts them to protobuf). The
+model fingerprint names the model and every shape that must agree between a prefill and a
+decode worker.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import mmap
 
 import torch
 
+from services.common.vram import IpcMapping
 from services.engine.kv_pool import KVLayout, KVPool
 from services.engine.loader import LoadedModel
 
@@ -35,5 +38,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def kvd_pool(buffer: mmap.mmap, layout: KVLayout) -> KVPool:
-    return KVPool.on_buffer(layout, torch.frombuffer(buffer, dtype=torch.uint8))
+def kvd_pool(memory: mmap.mmap | IpcMapping, layout: KVLayout) -> KVPool:
+    if isinstance(memory, IpcMapping):
+        # [total_bytes] uint8 on the worker's GPU, viewing kvd's allocation
+        raw = torch.as_tensor(memory, device=torch.device("cuda", memory.device))
+        assert raw.data_ptr() == memory.ptr, "torch copied the IPC mapping"
+        return KVPool.on_buffer(layout, raw)
+    return KVPool.on_buffer(layout, torch.frombuffer(memory, dtype=torch.uint8))

@@ -3,21 +3,32 @@
 Contract: `resolve_device` turns `--device auto` / `--base-gpu-id` into the device really used
 (warning where a flag has no effect here); `build_engine` loads the model and makes its
 `LLMEngine`, on a KV pool handed in from outside (kvd's segment in PD modes) or its own.
-No protobuf here: workers convert at their boundary.
+`build_pd_engine` attaches the worker to its node's kvd: a host shared-memory pool on CPU, a
+VRAM pool on the worker's GPU (kvd allocates it; the worker opens its CUDA IPC handle and
+closes it on exit, `PDAttachment.close`). No protobuf here: workers convert at their boundary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from services.common.kvd_client import KvdClient, advertised_host, ensure_kvd, kv_layout
+from services.common.kvd_client import (
+    KvdClient,
+    advertised_host,
+    ensure_kvd,
+    gpu_placement,
+    kv_layout,
+)
+from services.common.proto.tandem.v1 import kvd_pb2
 from services.common.serve_config import ServeConfig
+from services.common.vram import IpcMapping
 from services.engine.engine import DEFAULT_CPU_PAGES, EngineConfig, LLMEngine
-from services.engine.kv_pool import KVPool
+from services.engine.kv_pool import KVPool, pages_for_memory
 from services.engine.loader import LoadedModel, load_model, resolve_dtype
 from services.engine.pd_pool import dtype_name, kvd_pool, layout_for, model_fingerprint
 
@@ -54,7 +65,8 @@ def engine_config(config: ServeConfig, device: str) -> EngineConfig:
         enable_prefix_cache=not config.disable_prefix_cache,
         max_model_len=config.max_model_len, device=device,
         attention_backend=config.attention_backend, disable_cuda_graph=config.disable_cuda_graph,
-        cuda_graph_max_bs=config.cuda_graph_max_bs)
+        cuda_graph_max_bs=config.cuda_graph_max_bs,
+        disable_overlap_schedule=config.disable_overlap_schedule)
 
 
 def build_engine(config: ServeConfig, pool: KVPool | None = None,
@@ -76,26 +88,56 @@ class PDAttachment:
     kvd: KvdClient
     pool_id: str
     peer_address: str  # the kvd's peer service: what the other side of a room dials
+    mapping: IpcMapping | None = field(default=None)  # a VRAM pool's CUDA IPC mapping
+
+    def close(self) -> None:
+        """Unmap a VRAM pool (kvd keeps it for a re-attach); the engine must be stopped.
+        Idempotent; also run at interpreter exit."""
+        if self.mapping is not None:
+            self.mapping.close()
 
 
 async def build_pd_engine(config: ServeConfig, loaded: LoadedModel,
                           device: str) -> tuple[LLMEngine, PDAttachment]:
-    """The engine of a prefill/decode worker, computing in the pool its node's kvd owns.
-    Starts the kvd when none runs (`ensure_kvd`, blocking: call before serving)."""
-    if device != "cpu":
-        raise ValueError("--disaggregation-mode prefill/decode on a GPU needs kvd-owned VRAM "
-                         "pools, which this build does not have yet; use --device cpu")
+    """The engine of a prefill/decode worker, computing in the pool its node's kvd owns (VRAM
+    of this worker's GPU on CUDA, else host shared memory). Starts the kvd when none runs
+    (`ensure_kvd`, blocking: call before serving). Call after loading the weights: a GPU pool
+    is sized from what they left (`--mem-fraction-static`), unless `--num-kv-pages` is given or
+    the pool exists already (a restarted worker re-attaches with its pool's size)."""
     stats = await asyncio.to_thread(
         ensure_kvd, config.kvd_socket, advertised_host(config.host), config.kvd_port,
         config.disaggregation_transfer_backend, config.disaggregation_ib_device)
     cfg = engine_config(config, device)
-    layout = layout_for(loaded, cfg.page_size, cfg.num_pages or DEFAULT_CPU_PAGES)
+    worker_id = f"{config.disaggregation_mode}-{config.port}"
+    placement = None
+    num_pages = cfg.num_pages
+    if device != "cpu":
+        placement = gpu_placement(torch.device(device).index or 0)
+        if num_pages is None:
+            num_pages = _existing_pages(stats, worker_id) or pages_for_memory(
+                layout_for(loaded, cfg.page_size, 1).page_bytes, device,
+                cfg.mem_fraction_static)
+    layout = layout_for(loaded, cfg.page_size, num_pages or DEFAULT_CPU_PAGES)
     kvd = KvdClient(config.kvd_socket)
-    reply, buffer = await kvd.attach(
-        f"{config.disaggregation_mode}-{config.port}",
+    reply, memory = await kvd.attach(
+        worker_id,
         kv_layout(layout.num_pages, layout.num_layers, layout.page_size, layout.num_kv_heads,
-                  layout.head_dim, dtype_name(layout.dtype), model_fingerprint(loaded)))
+                  layout.head_dim, dtype_name(layout.dtype), model_fingerprint(loaded)),
+        placement)
+    mapping = memory if isinstance(memory, IpcMapping) else None
+    attachment = PDAttachment(kvd, reply.pool_id, stats.peer_address, mapping)
+    if mapping is not None:
+        atexit.register(attachment.close)
     if reply.reattached:
         logger.info("re-attached to KV pool %s", reply.pool_id)
-    engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, pool=kvd_pool(buffer, layout))
-    return engine, PDAttachment(kvd, reply.pool_id, stats.peer_address)
+    try:
+        engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, pool=kvd_pool(memory, layout))
+    except BaseException:
+        attachment.close()
+        raise
+    return engine, attachment
+
+
+def _existing_pages(stats: kvd_pb2.StatsResponse, worker_id: str) -> int | None:
+    """Pages of the pool kvd already holds for this worker (a restart), else None."""
+    return next((p.num_pages for p in stats.pools if p.worker_id == worker_id), None)

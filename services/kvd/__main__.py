@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         code = 0
     try:
-        server.core.backend.close()
+        server.close_memory()
     finally:
         # UCX's ib module crashes a process that created a backend at interpreter exit.
         sys.stdout.flush()

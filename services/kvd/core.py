@@ -367,6 +367,7 @@ class KvdCore:
         fails (and frees its pages) at once instead of waiting out its timeout."""
         known = self._known[boot.kvd_id]
         peer = await self.peers.get(known.address)
+        is_local = boot.kvd_id == self.kvd_id
         done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux)
         try:
             job, num_runs = self._job(req, pool, page_ids, boot, known)
@@ -380,15 +381,15 @@ class KvdCore:
         except RoomError as e:
             self.metrics.transfer_failures.labels(e.reason).inc()
             done.error = str(e)
-            await _notify(peer, done)
+            await self._notify(peer, done, is_local)
             raise
         except asyncio.CancelledError:
             self.metrics.transfer_failures.labels("cancelled").inc()
             done.error = f"room {req.room!r}: the prefill side gave up"
-            asyncio.get_running_loop().create_task(_notify(peer, done))
+            asyncio.get_running_loop().create_task(self._notify(peer, done, is_local))
             raise
         try:
-            await _notify(peer, done, raise_errors=True)
+            await self._notify(peer, done, is_local, raise_errors=True)
         except RoomError as e:
             self.metrics.transfer_failures.labels(e.reason).inc()
             raise
@@ -398,6 +399,21 @@ class KvdCore:
             kv_bytes=job.num_bytes, num_descriptors=num_runs, transfer_seconds=seconds,
             backend=job.backend.name, queue_shard=shard,
         )
+
+    async def _notify(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
+                      raise_errors: bool = False) -> None:
+        """TransferDone to the decode side: in-process when it is this kvd (`is_local`, the
+        same-node path: saves a loopback RPC on the critical path), else over gRPC."""
+        if not is_local:
+            await _notify(peer, done, raise_errors)
+            return
+        try:
+            self.on_transfer_done(done)
+        except RoomError as e:
+            logger.warning("TransferDone for room %s here failed: %s", done.room, e)
+            if raise_errors:
+                raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not "
+                                f"take the KV: {e}", "notify_failed") from None
 
     def _job(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
              boot: kvd_pb2.BootstrapRequest, known: _KnownPeer) -> tuple[TransferJob, int]:

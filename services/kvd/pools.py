@@ -1,10 +1,13 @@
-"""The KV pools kvd owns: one shared-memory segment per local worker, and who pins which page.
+"""The KV pools kvd owns: one per local worker (host shared memory, or VRAM on the worker's GPU),
+and who pins which page.
 
-Contract: `attach(worker_id, layout)` creates the worker's pool segment and registers it once
-with the transfer backend; a second attach with the same worker id and layout returns the same
-pool (a restarted worker re-attaches; open rooms of the pool go on). Workers compute in the
-pool; kvd only reads it (sending) or lets peers write it (receiving), and only pages pinned to
-an open room:
+Contract: `attach(worker_id, layout, placement)` creates the worker's pool memory
+(pool_memory.py) and registers it once with every transfer backend, as DRAM or as VRAM of its
+GPU (one kvd may hold pools on several GPUs); a second attach with the same worker id, layout
+and placement returns the same pool (a restarted worker re-attaches and re-opens the same
+memory; open rooms of the pool go on). `close()` releases every pool's memory: call it after
+the backends are closed. Workers compute in the pool; kvd only reads it (sending) or lets peers
+write it (receiving), and only pages pinned to an open room:
 
     page of pool p    unpinned: the worker's engine alone uses it
                       pinned for writing by one room: a peer may fill it (receive side)
@@ -18,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 from dataclasses import dataclass, field
 
 from services.common.proto.tandem.v1 import kvd_pb2
-from services.common.shm import buffer_address, create_segment, unlink_segment
 from services.kvd.backends.base import TransferBackend
+from services.kvd.pool_memory import GpuPlacement, PoolMemory, gpu_memory, host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +86,8 @@ class Pool:
     pool_id: str
     worker_id: str
     layout: PoolLayout
-    segment_name: str
-    buffer: mmap.mmap
-    base_addr: int
+    memory: PoolMemory
+    placement: GpuPlacement | None  # None: host shared memory
     writer: dict[int, str] = field(default_factory=dict)  # page id -> the room filling it
     readers: dict[int, int] = field(default_factory=dict)  # page id -> rooms sending it
     pins: dict[str, tuple[list[int], bool]] = field(default_factory=dict)  # room -> (pages, write)
@@ -94,6 +95,10 @@ class Pool:
     @property
     def num_pinned(self) -> int:
         return len(self.writer.keys() | self.readers.keys())
+
+    @property
+    def base_addr(self) -> int:
+        return self.memory.base_addr
 
     def page_addr(self, page_id: int) -> int:
         return self.base_addr + page_id * self.layout.page_bytes
@@ -105,9 +110,11 @@ class PoolRegistry:
         self._backends = backends  # each registers every pool once
         self._by_id: dict[str, Pool] = {}
         self._by_worker: dict[str, Pool] = {}
+        self._stranded: list[PoolMemory] = []  # registered somewhere, then a register failed
         self._attach_lock = asyncio.Lock()
 
-    async def attach(self, worker_id: str, layout: PoolLayout) -> tuple[Pool, bool]:
+    async def attach(self, worker_id: str, layout: PoolLayout,
+                     placement: GpuPlacement | None = None) -> tuple[Pool, bool]:
         """The worker's pool and whether it already existed. A new pool is created, committed
         and registered on a thread (seconds for GBs): health checks and rooms of other pools
         keep being answered meanwhile. Attaches are serialized."""
@@ -119,21 +126,37 @@ class PoolRegistry:
                 if pool.layout != layout:
                     raise ValueError(f"worker {worker_id} re-attached with layout {layout}, "
                                      f"but its pool has {pool.layout}")
+                if pool.placement != placement:
+                    raise ValueError(f"worker {worker_id} re-attached on {_where(placement)}, "
+                                     f"but its pool is on {_where(pool.placement)}")
                 return pool, True
-            pool = await asyncio.to_thread(self._create, worker_id, layout)
+            pool = await asyncio.to_thread(self._create, worker_id, layout, placement)
             self._by_id[pool.pool_id] = pool
             self._by_worker[worker_id] = pool
-        logger.info("pool %s: %d pages of %d bytes for worker %s", pool.pool_id,
-                    layout.num_pages, layout.page_bytes, worker_id)
+        logger.info("pool %s: %d pages of %d bytes for worker %s in %s", pool.pool_id,
+                    layout.num_pages, layout.page_bytes, worker_id, _where(placement))
         return pool, False
 
-    def _create(self, worker_id: str, layout: PoolLayout) -> Pool:
+    def _create(self, worker_id: str, layout: PoolLayout,
+                placement: GpuPlacement | None) -> Pool:
         pool_id = f"{self._kvd_name}-{worker_id}"
-        buffer = create_segment(pool_id, layout.total_bytes)
-        base = buffer_address(buffer)
-        for backend in self._backends:
-            backend.register(base, layout.total_bytes)
-        return Pool(pool_id, worker_id, layout, pool_id, buffer, base)
+        if placement is None:
+            memory = host_memory(pool_id, layout.total_bytes)
+        else:
+            memory = gpu_memory(placement, layout.total_bytes)
+        num_registered = 0
+        try:
+            for backend in self._backends:
+                backend.register(memory.base_addr, memory.num_bytes, mem_type=memory.mem_type,
+                                 device_id=memory.device or 0)
+                num_registered += 1
+        except BaseException:
+            if num_registered:  # a backend still holds it: release once backends are closed
+                self._stranded.append(memory)
+            else:
+                memory.release()
+            raise
+        return Pool(pool_id, worker_id, layout, memory, placement)
 
     def get(self, pool_id: str) -> Pool:
         try:
@@ -172,8 +195,16 @@ class PoolRegistry:
                 pool.readers[page_id] -= 1
 
     def close(self) -> None:
-        for pool in self._by_id.values():
-            unlink_segment(pool.segment_name)
+        """Release every pool's memory (the backends must be closed already). Idempotent."""
+        for memory in [p.memory for p in self._by_id.values()] + self._stranded:
+            try:
+                memory.release()
+            except Exception:  # one failure must not keep the others allocated
+                logger.exception("could not release pool memory at %#x", memory.base_addr)
+
+
+def _where(placement: GpuPlacement | None) -> str:
+    return "host memory" if placement is None else f"GPU {placement.gpu_index}"
 
 
 def check_page_ids(page_ids: list[int], num_pages: int) -> None:

@@ -20,13 +20,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import tracing
+from services.common.cudart import CudaError, CudaUnavailable
 from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind_address
 from services.common.metrics_http import MetricsEndpoint, start_metrics_server
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
-from services.kvd.backends.base import create_backend
+from services.kvd.backends.base import TransferError, create_backend
 from services.kvd.config import KvdConfig
 from services.kvd.core import KvdCore, RoomError
+from services.kvd.pool_memory import GpuPlacement
 from services.kvd.pools import PoolLayout
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
+def _gpu(placement: GpuPlacement | None) -> str:
+    return "host memory" if placement is None else f"GPU {placement.gpu_index}"
+
+
 class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
     def __init__(self, core: KvdCore) -> None:
         self.core = core
@@ -65,11 +71,26 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
     @_mapped
     async def AttachPool(self, request: kvd_pb2.AttachPoolRequest,
                          context: grpc.aio.ServicerContext) -> kvd_pb2.AttachPoolResponse:
-        pool, reattached = await self.core.pools.attach(request.worker_id,
-                                                  PoolLayout.from_proto(request.layout))
-        return kvd_pb2.AttachPoolResponse(pool_id=pool.pool_id, segment_name=pool.segment_name,
-                                          total_bytes=pool.layout.total_bytes,
-                                          reattached=reattached)
+        placement = None
+        if request.HasField("placement"):
+            placement = GpuPlacement(request.placement.gpu_index, request.placement.gpu_uuid)
+        try:
+            pool, reattached = await self.core.pools.attach(
+                request.worker_id, PoolLayout.from_proto(request.layout), placement)
+        except CudaUnavailable as e:
+            raise RoomError("FAILED_PRECONDITION", f"kvd cannot hold GPU pools: {e}") from None
+        except CudaError as e:
+            code = "RESOURCE_EXHAUSTED" if "MemoryAllocation" in str(e) else "INTERNAL"
+            raise RoomError(code, f"kvd could not allocate the pool on {_gpu(placement)}: {e}"
+                            ) from None
+        except TransferError as e:  # a backend refused to register the pool's memory
+            raise RoomError("INTERNAL", f"kvd could not register the pool: {e}") from None
+        memory = pool.memory
+        return kvd_pb2.AttachPoolResponse(
+            pool_id=pool.pool_id, segment_name=memory.segment_name,
+            total_bytes=pool.layout.total_bytes, reattached=reattached,
+            cuda_ipc_handle=memory.ipc_handle,
+            kvd_gpu_index=memory.device if memory.device is not None else 0)
 
     @_mapped
     async def ExpectKv(self, request: kvd_pb2.ExpectKvRequest,
@@ -200,7 +221,16 @@ class KvdServer:
         await self.core.peers.close()
         self.metrics.close()
         self.core.queues.shutdown()
-        self.core.pools.close()
+        self.close_memory()
+
+    def close_memory(self) -> None:
+        """Close the backends, then release the pools' memory (a backend may still use
+        registered memory until closed). Idempotent; also the path when serving failed."""
+        try:
+            self.core.backend.close()
+            self.core.local_backend.close()
+        finally:
+            self.core.pools.close()
 
 
 async def _claim_socket(path: str) -> None:

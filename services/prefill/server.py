@@ -207,6 +207,11 @@ class PrefillWorker:
             servicer.metrics.registry, config.host, config.metrics_port, "prefill worker").address
         engine.start()
         banner = f"serving {servicer.model_name} (prefill) on {config.host}:{port}"
+
+        def stop() -> None:
+            engine.stop()
+            pd.close()  # unmap a VRAM pool only once nothing computes in it
+
         return await serve_until_signal(
             server, health_servicer, banner, SHUTDOWN_GRACE_S,
-            lambda: len(servicer.live_request_ids), lambda: asyncio.to_thread(engine.stop))
+            lambda: len(servicer.live_request_ids), lambda: asyncio.to_thread(stop))

@@ -103,9 +103,24 @@ def test_local_refuses_other_processes_and_bad_batches():
         backend.write(peer, [(src.ctypes.data, 1)], [dst.ctypes.data])
 
 
-def test_local_backend_refuses_gpu_memory():
-    with pytest.raises(BackendUnavailable, match="VRAM"):
-        create_backend("local", mem_type="VRAM")
+def test_local_backend_refuses_vram_of_a_gpu_it_lacks():
+    """Without that GPU (or without cuda-bindings) registering VRAM fails naming what is
+    missing, and nothing is registered."""
+    from services.common import cudart
+
+    backend = create_backend("local")
+    try:
+        num_gpus = cudart.device_count()
+    except cudart.CudaUnavailable:
+        num_gpus = 0
+    with pytest.raises((ValueError, cudart.CudaUnavailable),
+                       match=f"GPU {num_gpus} does not exist here|cuda-bindings"):
+        backend.register(1 << 20, 4096, mem_type="VRAM", device_id=num_gpus)
+    with pytest.raises(ValueError, match="DRAM or VRAM"):
+        backend.register(1 << 20, 4096, mem_type="HBM")
+    src, dst = np.ones(16, np.uint8), np.zeros(16, np.uint8)  # nothing registered: any memory
+    backend.write(backend.connect(backend.metadata()), [(src.ctypes.data, 16)], [dst.ctypes.data])
+    assert dst.tolist() == [1] * 16
 
 
 def test_region_table_finds_the_first_range_outside():
@@ -155,3 +170,18 @@ def test_ascend_with_store_url_names_only_the_package(monkeypatch):
         assert "pip install memfabric-hybrid==1.0.5" in message and STORE_ENV not in message
     else:  # both present: still refused, honestly
         assert "not supported" in message
+
+
+def test_region_table_tags_each_range_with_where_its_region_lives():
+    from services.kvd.backends.shared import HOST, OUTSIDE, tag_of
+
+    table = RegionTable()
+    table.add(1000, 100, tag_of("VRAM", 1))
+    table.add(100, 10, tag_of("DRAM", 0))
+    table.add(5000, 100, tag_of("VRAM", 0))
+    addrs = np.array([1000, 105, 5050, 1090, 2000], np.uint64)
+    lengths = np.array([100, 5, 50, 20, 1], np.uint64)
+    assert table.locate(addrs, lengths).tolist() == [1, HOST, 0, OUTSIDE, OUTSIDE]
+    assert table.regions() == [(100, 10, HOST), (1000, 100, 1), (5000, 100, 0)]
+    with pytest.raises(ValueError, match="DRAM or VRAM"):
+        tag_of("HBM", 0)

@@ -145,6 +145,30 @@ def test_reattach_returns_the_same_pool_and_layout_mismatch_is_refused(two_kvds)
     asyncio.run(run())
 
 
+def test_gpu_pool_on_a_gpu_kvd_lacks_is_refused_naming_it(two_kvds):
+    """A GPU placement kvd cannot serve (no such GPU here, or no cuda-bindings) fails with the
+    reason, creates no pool, and a host re-attach of the worker id still works afterwards."""
+    (_, sock_a, _), _ = two_kvds
+
+    async def run():
+        a = _client(sock_a)
+        placement = kvd_pb2.KvPlacement(gpu_index=5, gpu_uuid=b"\xee" * 16)
+        before = await a.Stats(kvd_pb2.StatsRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await a.AttachPool(kvd_pb2.AttachPoolRequest(worker_id="gpu-5", layout=LAYOUT,
+                                                         placement=placement))
+        assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                  grpc.StatusCode.FAILED_PRECONDITION)
+        assert ("GPU 5" in e.value.details() and "not visible to kvd" in e.value.details()
+                or "cuda-bindings" in e.value.details())
+        after = await a.Stats(kvd_pb2.StatsRequest())
+        assert len(after.pools) == len(before.pools)
+        reply, _ = await _attach(a, "gpu-5")  # the id is free: a host pool takes it
+        assert not reply.reattached and reply.cuda_ipc_handle == b""
+
+    asyncio.run(run())
+
+
 def test_bad_requests_are_refused_precisely_and_pin_nothing(two_kvds):
     (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
 

@@ -3,7 +3,9 @@
 Contract
 --------
 Who calls what. kvd creates exactly one backend per process with `create_backend(name, ...)`
-at start-up, then `register`s each pool segment it owns once (more segments may follow later).
+at start-up, then `register`s each pool it owns once (more may follow later), saying where it
+lives: host memory ("DRAM") or VRAM of a GPU (`device_id`, kvd's CUDA index); one backend may
+hold DRAM and VRAM of several GPUs at once.
 It sends `metadata()` to peer kvds during the bootstrap handshake and passes each blob it
 receives from a peer to `connect()`, which returns the peer handle that `write` takes. When a
 peer registered more memory it sends fresh metadata; `connect()` with it refreshes the peer.
@@ -18,8 +20,10 @@ calling process's address space (`dst_addrs` are in the peer's address space).
 Descriptors. `write(peer, src, dst_addrs)` copies `src[i] = (local_addr, length)` to
 `dst_addrs[i]` in the peer. Every source range must lie inside a region registered here and
 every destination range inside a region the peer had registered when it produced the
-metadata this side last connected with. Callers should coalesce adjacent pages into one
-descriptor: per-descriptor cost dominates small descriptors (DESIGN.md, "KV memory layout").
+metadata this side last connected with; all sources of one batch must be of one memory type,
+and so must all destinations (a room moves from one pool to one pool). Callers should
+coalesce adjacent pages into one descriptor: per-descriptor cost dominates small
+descriptors (DESIGN.md, "KV memory layout").
 
 Blocking and errors. `write` returns only when every byte of the batch has landed in the
 peer's memory, or raises `TransferError` (naming the peer and the reason). After an error the
@@ -54,8 +58,10 @@ class BackendUnavailable(RuntimeError):
 class TransferBackend(Protocol):
     name: str  # "nixl" | "mooncake" | "local"
 
-    def register(self, addr: int, length: int) -> None:
-        """Register [addr, addr + length) of host memory (kvd's pool segment) once."""
+    def register(self, addr: int, length: int, *, mem_type: str = "DRAM",
+                 device_id: int = 0) -> None:
+        """Register [addr, addr + length) once: kvd's pool memory, host ("DRAM") or GPU
+        `device_id`'s ("VRAM")."""
         ...
 
     def metadata(self) -> bytes:
@@ -80,19 +86,16 @@ def create_backend(
     *,
     hostname: str = "127.0.0.1",
     ib_device: str | None = None,
-    mem_type: str = "DRAM",
-    device_id: int = 0,
 ) -> TransferBackend:
     """Start the backend `name` (`--disaggregation-transfer-backend`).
 
     hostname: this node's address as a peer can reach it (Mooncake's `local_hostname`).
     ib_device: `--disaggregation-ib-device` (Mooncake: RDMA device; NIXL/UCX: `ucx_devices`).
-    mem_type / device_id: what `register` will be given ("DRAM", or "VRAM" on GPU `device_id`).
     """
     if name == "nixl":
         from services.kvd.backends.nixl_backend import NixlBackend
 
-        return NixlBackend(ib_device=ib_device, mem_type=mem_type, device_id=device_id)
+        return NixlBackend(ib_device=ib_device)
     if name == "mooncake":
         from services.kvd.backends.mooncake_backend import MooncakeBackend
 
@@ -104,7 +107,7 @@ def create_backend(
     if name == "local":
         from services.kvd.backends.local_backend import LocalBackend
 
-        return LocalBackend(mem_type=mem_type)
+        return LocalBackend()
     raise ValueError(
         f"--disaggregation-transfer-backend {name!r} is unknown; choose one of {BACKEND_NAMES}"
     )

@@ -1,21 +1,36 @@
-"""Same-node transfers: both pools are mapped into this kvd process, so a write is a memmove.
+"""Same-node transfers: both pools live in this kvd process, so a write is a local copy.
 
-kvd maps every local worker's pool (shared memory on CPU), so when prefill and decode share a
-host their pages are both in kvd's address space and no transfer library is needed. The peer
-is this very process: `metadata()` names the pid, and `connect()` refuses a blob from another
-process. Any host memory works and registering is optional; but once a region is registered,
-every source and destination range must lie in a registered region, and a range that does not
-raises `TransferError` instead of faulting the process (so kvd should register every local
-pool here too). Host memory only: a GPU same-node path (CUDA IPC peer copy) is another backend.
+kvd owns every local worker's pool (host shared memory, or VRAM it allocated on the worker's
+GPU), so when prefill and decode share a host their pages are both in kvd's address space and no
+transfer library is needed. The peer is this very process: `metadata()` names the pid, and
+`connect()` refuses a blob from another process.
+
+Copies. Host to host: memmove (releases the GIL, so threads copy in parallel). Any range in
+VRAM: one `cudaMemcpyAsync` per descriptor (a coalesced page run), straight from the source
+pages to the destination pages — GPU to GPU over NVLink / PCIe peer-to-peer (peer access is
+enabled between every two GPUs that hold registered memory), no staging through the host — on
+a stream of the writing thread's own, synchronized before `write` returns. (Cutting a large
+descriptor over four streams was measured no faster on 2xH100: 1.73 ms against 1.68 ms for
+512 MiB; the copy engines' ~320 GB/s is below torch's SM-driven peer copy, ~365 GB/s.)
+
+Checks. Any host memory works while nothing is registered; once a region is registered every
+source and destination range must lie in a registered region, and a range that does not raises
+`TransferError` instead of faulting the process (kvd registers every local pool here). VRAM is
+only ever reached through registered regions. cuda-bindings is imported on the first VRAM
+registration, never for host-only use.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
+from typing import Any
 
-from services.kvd.backends.base import BackendUnavailable, TransferError
-from services.kvd.backends.shared import RegionTable, batch_arrays
+import numpy as np
+
+from services.kvd.backends.base import TransferError
+from services.kvd.backends.shared import HOST, OUTSIDE, RegionTable, batch_arrays, tag_of
 
 _PREFIX = b"tandem-local:"
 PEER = "local"
@@ -24,17 +39,35 @@ PEER = "local"
 class LocalBackend:
     name = "local"
 
-    def __init__(self, *, mem_type: str = "DRAM") -> None:
-        if mem_type != "DRAM":
-            raise BackendUnavailable(
-                f"the local backend copies host memory only, not {mem_type}; "
-                "a same-node GPU path needs CUDA IPC, which this build does not have"
-            )
+    def __init__(self) -> None:
         self._regions = RegionTable()
+        self._lock = threading.Lock()  # guards the GPU set and the stream list
+        self._gpus: set[int] = set()  # devices holding registered VRAM
+        self._streams: list[tuple[int, Any]] = []  # (device, stream) of every writing thread
+        self._thread = threading.local()  # .streams: dict[device, stream]
         self._is_closed = False
 
-    def register(self, addr: int, length: int) -> None:
-        self._regions.add(addr, length)
+    def register(
+        self, addr: int, length: int, *, mem_type: str = "DRAM", device_id: int = 0
+    ) -> None:
+        tag = tag_of(mem_type, device_id)
+        if tag != HOST:
+            self._add_gpu(tag)
+        self._regions.add(addr, length, tag)
+
+    def _add_gpu(self, device: int) -> None:
+        from services.common import cudart
+
+        cudart.check_device(device)
+        with self._lock:
+            for other in self._gpus - {device}:  # both directions, so either side may drive
+                for a, b in ((device, other), (other, device)):
+                    if not cudart.enable_peer_access(a, b):
+                        raise TransferError(
+                            f"local backend: GPU {a} cannot reach GPU {b} peer-to-peer; the "
+                            "same-node path copies between GPUs without staging"
+                        )
+            self._gpus.add(device)
 
     def metadata(self) -> bytes:
         return _PREFIX + str(os.getpid()).encode()
@@ -56,16 +89,79 @@ class LocalBackend:
             raise TransferError(f"local backend: write to {peer} after close")
         if peer != PEER:
             raise TransferError(f"local backend: unknown peer {peer!r} (connect first)")
-        for what, addrs in (("source", src_addrs), ("destination", dsts)):
-            bad = self._regions.first_outside(addrs, lengths) if len(self._regions) else None
-            if bad is not None:
-                raise TransferError(
-                    f"local backend: {what} [{int(addrs[bad]):#x}, +{int(lengths[bad])}) of "
-                    f"descriptor {bad} is outside every registered region"
-                )
-        # ctypes.memmove releases the GIL, so writes from several threads copy in parallel
-        for s, n, d in zip(src_addrs.tolist(), lengths.tolist(), dsts.tolist(), strict=True):
+        if len(lengths) == 0:
+            return
+        if len(self._regions):
+            src_tags = self._regions.locate(src_addrs, lengths)
+            dst_tags = self._regions.locate(dsts, lengths)
+            for what, tags, addrs in (("source", src_tags, src_addrs),
+                                      ("destination", dst_tags, dsts)):
+                bad = np.flatnonzero(tags == OUTSIDE)
+                if bad.size:
+                    i = int(bad[0])
+                    raise TransferError(
+                        f"local backend: {what} [{int(addrs[i]):#x}, +{int(lengths[i])}) of "
+                        f"descriptor {i} is outside every registered region"
+                    )
+            # the GPU that drives each copy (the source's, else the destination's), or HOST
+            gpu = np.where(src_tags != HOST, src_tags, dst_tags)
+        else:
+            gpu = np.full(len(lengths), HOST, np.int64)
+        on_host = gpu == HOST
+        for s, n, d in zip(src_addrs[on_host].tolist(), lengths[on_host].tolist(),
+                           dsts[on_host].tolist(), strict=True):
             ctypes.memmove(d, s, n)
+        if not on_host.all():
+            self._copy_on_gpus(src_addrs[~on_host], lengths[~on_host], dsts[~on_host],
+                               gpu[~on_host])
+
+    def _copy_on_gpus(self, src_addrs: np.ndarray, lengths: np.ndarray, dsts: np.ndarray,
+                      gpus: np.ndarray) -> None:
+        """One cudaMemcpyAsync per descriptor on this thread's stream of the GPU that drives
+        it; every stream used is synchronized before returning."""
+        from services.common import cudart
+
+        used: dict[int, Any] = {}
+        try:
+            for s, n, d, g in zip(src_addrs.tolist(), lengths.tolist(), dsts.tolist(),
+                                  gpus.tolist(), strict=True):
+                if g not in used:
+                    used[g] = self._stream(g)  # also makes g this thread's current device
+                cudart.copy_async(d, s, n, used[g])
+        except cudart.CudaError as e:
+            raise TransferError(f"local backend: GPU copy failed: {e}") from e
+        finally:
+            errors = []
+            for stream in used.values():
+                try:
+                    cudart.stream_synchronize(stream)
+                except cudart.CudaError as e:
+                    errors.append(str(e))
+            if errors:
+                raise TransferError(f"local backend: GPU copy failed: {'; '.join(errors)}")
+
+    def _stream(self, device: int) -> Any:
+        from services.common import cudart
+
+        cudart.set_device(device)
+        streams: dict[int, Any] | None = getattr(self._thread, "streams", None)
+        if streams is None:
+            streams = self._thread.streams = {}
+        stream = streams.get(device)
+        if stream is None:
+            stream = streams[device] = cudart.stream_create(device)
+            with self._lock:
+                self._streams.append((device, stream))
+        return stream
 
     def close(self) -> None:
+        if self._is_closed:
+            return
         self._is_closed = True
+        with self._lock:
+            streams, self._streams = self._streams, []
+        if streams:
+            from services.common import cudart
+
+            for _, stream in streams:
+                cudart.stream_destroy(stream)

@@ -27,7 +27,13 @@ import os
 import threading
 
 from services.kvd.backends.base import BackendUnavailable, TransferError
-from services.kvd.backends.shared import RegionTable, batch_arrays, check_ib_devices
+from services.kvd.backends.shared import (
+    HOST,
+    RegionTable,
+    batch_arrays,
+    check_ib_devices,
+    tag_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +128,22 @@ class MooncakeBackend:
         self._credits: dict[str, _Credits] = {}
         self._is_closed = False
 
-    def register(self, addr: int, length: int) -> None:
+    def register(
+        self, addr: int, length: int, *, mem_type: str = "DRAM", device_id: int = 0
+    ) -> None:
+        """VRAM needs the CUDA build of Mooncake (mooncake-transfer-engine-cuda13), which
+        finds the GPU of a device pointer itself."""
         if addr <= 0 or length <= 0:
             raise ValueError(f"cannot register addr={addr:#x} length={length}")
+        tag = tag_of(mem_type, device_id)
         rc = self._engine.register_memory(addr, length)
         if rc != 0:
-            raise TransferError(f"mooncake: registering [{addr:#x}, +{length}) failed (rc={rc})")
-        self._regions.add(addr, length)
+            raise TransferError(
+                f"mooncake: registering {mem_type} [{addr:#x}, +{length}) of device {device_id} "
+                f"failed (rc={rc})" + ("; VRAM needs the CUDA build of Mooncake" if tag != HOST
+                                       else "")
+            )
+        self._regions.add(addr, length, tag)
         with self._lock:
             self._registered.append(addr)
 
@@ -169,6 +184,11 @@ class MooncakeBackend:
                 f"mooncake: write to {peer}: source [{int(src_addrs[bad]):#x}, "
                 f"+{int(lengths[bad])}) of descriptor {bad} is outside memory registered here"
             )
+        gpu = int(self._regions.locate(src_addrs[:1], lengths[:1])[0])
+        if gpu != HOST:  # CUDA copies in the calling thread need a current context
+            from services.common import cudart
+
+            cudart.set_device(gpu)
         srcs, lens, dst_list = src_addrs.tolist(), lengths.tolist(), dsts.tolist()
         step = self._max_per_batch
         for start in range(0, len(srcs), step):

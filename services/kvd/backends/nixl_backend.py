@@ -7,10 +7,13 @@ threads proceed concurrently while `register`/`connect` take the agent's writer 
 progress thread (needed: it serves peers' writes into this process) pauses PROGRESS_DELAY_US
 between idle polls instead of spinning a core as nixl_agent's default does.
 
-Metadata is a header (magic, memory type and device id of the registered memory, agent name)
-followed by NIXL's agent metadata; it names every region registered so far, so a peer that
-registered more memory must send fresh metadata and the writer must `connect()` again before
-writing there (NIXL checks remote ranges against the metadata it holds: `TransferError`).
+Memory may be host memory (DRAM) or VRAM of any GPU, region by region (one kvd holds pools on
+several GPUs); a write's descriptors carry each range's device id, and one batch moves one
+memory type to one memory type. Metadata is a header (magic, agent name, the registered
+regions with their memory type and device) followed by NIXL's agent metadata; it names every
+region registered so far, so a peer that registered more memory must send fresh metadata and
+the writer must `connect()` again before writing there (NIXL checks remote ranges against the
+metadata it holds: `TransferError`).
 `connect()` with this backend's own metadata gives a loopback peer (NIXL copies locally).
 
 UCX facts (DESIGN.md): a process that created the UCX backend segfaults at exit unless
@@ -30,16 +33,26 @@ import uuid
 import numpy as np
 
 from services.kvd.backends.base import BackendUnavailable, TransferError
-from services.kvd.backends.shared import RegionTable, batch_arrays, check_ib_devices
+from services.kvd.backends.shared import (
+    HOST,
+    OUTSIDE,
+    RegionTable,
+    batch_arrays,
+    check_ib_devices,
+    tag_of,
+)
 
 logger = logging.getLogger(__name__)
 
 PLUGIN_ENV = "SGLANG_DISAGGREGATION_NIXL_BACKEND"
 DEFAULT_PLUGIN = "UCX"
-_HEADER = struct.Struct("<4s4siH")  # magic, mem_type ("DRAM" | "VRAM"), device id, len(name)
-_MAGIC = b"TNX1"
-_MEM_TYPES = ("DRAM", "VRAM")
+_HEADER = struct.Struct("<4sHI")  # magic, len(name), number of regions
+_REGION = struct.Struct("<QQq")  # addr, length, tag (shared.HOST or the GPU's device id)
+_MAGIC = b"TNX2"
 _MAX_POLL_SLEEP_S = 1e-3
+# Polls of a write's state pause 1/16 of the time it has run (20 us .. 1 ms): a write is seen
+# done at most ~6% late (doubling pauses could see a 1.4 ms VRAM write ~0.9 ms late).
+_POLL_FRACTION = 1 / 16
 # The progress thread's pause between idle polls. nixl_agent hard-codes 0, and the thread then
 # spins a core even when no transfer is running (measured: 60% of a core on an idle kvd, and
 # writes over UCX_TLS=tcp ~3x slower on 2 cores); 100 us costs ~1% of a core and no bandwidth.
@@ -54,12 +67,8 @@ class NixlBackend:
         *,
         plugin: str | None = None,
         ib_device: str | None = None,
-        mem_type: str = "DRAM",
-        device_id: int = 0,
         timeout_s: float = 30.0,
     ) -> None:
-        if mem_type not in _MEM_TYPES:
-            raise ValueError(f"nixl mem_type must be one of {_MEM_TYPES}, not {mem_type!r}")
         plugin = plugin or os.environ.get(PLUGIN_ENV) or DEFAULT_PLUGIN
         if ib_device:
             check_ib_devices(ib_device)
@@ -75,14 +84,12 @@ class NixlBackend:
                 f"(CUDA 13 machines: nixl-cu13) ({e})"
             ) from e
         self.agent_name = f"tandem-kvd-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._mem_type = mem_type
-        self._device_id = device_id
         self._timeout_s = timeout_s
         self._lock = threading.Lock()  # guards the dicts below, not NIXL (which locks itself)
         self._metadata_by_peer: dict[str, bytes] = {}  # the latest metadata loaded per peer
-        self._peer_mem: dict[str, tuple[str, int]] = {}  # peer -> (mem_type, device id)
+        self._peer_regions: dict[str, RegionTable] = {}  # peer -> its registered regions
         self._registrations: list[object] = []
-        self._regions = RegionTable()  # the same ranges, to name a bad source range clearly
+        self._regions = RegionTable()  # the same ranges with their memory type and device
         self._is_closed = False
         sync_mode = getattr(
             nixl_thread_sync_t, "NIXL_THREAD_SYNC_RW", nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
@@ -114,37 +121,52 @@ class NixlBackend:
                 f"{type(e).__name__}: {e}; its system libraries may be missing. "
                 f"This NIXL ships: {', '.join(available)}"
             ) from e
-        if f"{mem_type}_SEG" not in agent.get_backend_mem_types(plugin):
-            raise BackendUnavailable(f"NIXL plugin {plugin!r} cannot register {mem_type} memory")
+        self._mem_types = set(agent.get_backend_mem_types(plugin))  # e.g. {"DRAM_SEG", ...}
+        if "DRAM_SEG" not in self._mem_types:
+            raise BackendUnavailable(f"NIXL plugin {plugin!r} cannot register DRAM memory")
         self._agent = agent
         self.plugin = plugin
 
-    def register(self, addr: int, length: int) -> None:
+    def register(
+        self, addr: int, length: int, *, mem_type: str = "DRAM", device_id: int = 0
+    ) -> None:
         if addr <= 0 or length <= 0:
             raise ValueError(f"cannot register addr={addr:#x} length={length}")
+        tag = tag_of(mem_type, device_id)
+        if f"{mem_type}_SEG" not in self._mem_types:
+            raise TransferError(f"nixl: plugin {self.plugin!r} cannot register {mem_type} memory")
         try:
             descs = self._agent.register_memory(
-                [(addr, length, self._device_id, "")], self._mem_type
+                [(addr, length, device_id if tag != HOST else 0, "")], mem_type
             )
         except Exception as e:
             raise TransferError(
-                f"nixl: registering [{addr:#x}, +{length}) failed: {type(e).__name__}: {e}"
+                f"nixl: registering {mem_type} [{addr:#x}, +{length}) of device {device_id} "
+                f"failed: {type(e).__name__}: {e}"
             ) from e
-        self._regions.add(addr, length)
+        self._regions.add(addr, length, tag)
         with self._lock:
             self._registrations.append(descs)
 
     def metadata(self) -> bytes:
         name = self.agent_name.encode()
-        header = _HEADER.pack(_MAGIC, self._mem_type.encode(), self._device_id, len(name))
-        return header + name + self._agent.get_agent_metadata()
+        regions = self._regions.regions()
+        packed = b"".join(_REGION.pack(*region) for region in regions)
+        header = _HEADER.pack(_MAGIC, len(name), len(regions))
+        return header + name + packed + self._agent.get_agent_metadata()
 
     def connect(self, peer_metadata: bytes) -> str:
         if len(peer_metadata) <= _HEADER.size or peer_metadata[:4] != _MAGIC:
             raise TransferError("nixl: peer metadata is not from a Tandem nixl backend")
-        _, mem_type, device_id, name_len = _HEADER.unpack_from(peer_metadata)
-        body = _HEADER.size + name_len
-        peer = peer_metadata[_HEADER.size : body].decode(errors="replace")
+        _, name_len, num_regions = _HEADER.unpack_from(peer_metadata)
+        peer = peer_metadata[_HEADER.size : _HEADER.size + name_len].decode(errors="replace")
+        body = _HEADER.size + name_len + num_regions * _REGION.size
+        if len(peer_metadata) <= body:
+            raise TransferError(f"nixl: metadata of peer {peer} is truncated")
+        peer_regions = RegionTable()
+        for i in range(num_regions):
+            peer_regions.add(*_REGION.unpack_from(peer_metadata, _HEADER.size + name_len
+                                                  + i * _REGION.size))
         with self._lock:
             if self._metadata_by_peer.get(peer) == peer_metadata:
                 return peer  # nothing new: connecting again is free
@@ -161,7 +183,7 @@ class NixlBackend:
                 raise TransferError(f"nixl: metadata of peer {peer} describes agent {loaded}")
         with self._lock:
             self._metadata_by_peer[peer] = peer_metadata
-            self._peer_mem[peer] = (mem_type.decode(), device_id)
+            self._peer_regions[peer] = peer_regions
         return peer
 
     def write(self, peer: str, src: list[tuple[int, int]], dst_addrs: list[int]) -> None:
@@ -169,26 +191,36 @@ class NixlBackend:
         if len(lengths) == 0:
             return
         with self._lock:
-            peer_mem = self._peer_mem.get(peer)
+            peer_regions = self._peer_regions.get(peer)
             is_closed = self._is_closed
         if is_closed:
             raise TransferError(f"nixl: write to {peer} after close")
-        if peer_mem is None:
+        if peer_regions is None:
             raise TransferError(f"nixl: unknown peer {peer!r} (connect with its metadata first)")
-        bad = self._regions.first_outside(src_addrs, lengths)
-        if bad is not None:
-            raise TransferError(
-                f"nixl: write to {peer}: source [{int(src_addrs[bad]):#x}, "
-                f"+{int(lengths[bad])}) of descriptor {bad} is outside memory registered here"
-            )
-        peer_mem_type, peer_device = peer_mem
-        local = np.stack([src_addrs, lengths, np.full_like(lengths, self._device_id)], axis=1)
-        remote = np.stack([dsts, lengths, np.full_like(lengths, peer_device)], axis=1)
+        src_tags = self._regions.locate(src_addrs, lengths)
+        dst_tags = peer_regions.locate(dsts, lengths)
+        for what, tags, addrs in (("source", src_tags, src_addrs), ("destination", dst_tags, dsts)):
+            bad = np.flatnonzero(tags == OUTSIDE)
+            if bad.size:
+                i = int(bad[0])
+                where = "here" if what == "source" else f"by {peer} (as of its last metadata)"
+                raise TransferError(
+                    f"nixl: write to {peer}: {what} [{int(addrs[i]):#x}, +{int(lengths[i])}) of "
+                    f"descriptor {i} is outside memory registered {where}"
+                )
+        local_type, remote_type = _mem_type(src_tags, "source"), _mem_type(dst_tags, "destination")
+        if local_type == "VRAM":  # UCX's CUDA transports work in the calling thread's context
+            from services.common import cudart
+
+            cudart.set_device(int(src_tags[0]))
+        # [num_descs, 3] = (addr, length, device id); host memory's device id is 0
+        local = np.stack([src_addrs, lengths, np.maximum(src_tags, 0).astype(np.uint64)], axis=1)
+        remote = np.stack([dsts, lengths, np.maximum(dst_tags, 0).astype(np.uint64)], axis=1)
         try:
             handle = self._agent.initialize_xfer(
                 "WRITE",
-                self._agent.get_xfer_descs(local, self._mem_type),  # [num_descs, 3]
-                self._agent.get_xfer_descs(remote, peer_mem_type),  # [num_descs, 3]
+                self._agent.get_xfer_descs(local, local_type),
+                self._agent.get_xfer_descs(remote, remote_type),
                 peer,
             )
         except Exception as e:
@@ -210,13 +242,14 @@ class NixlBackend:
         deadline = time.monotonic() + self._timeout_s
         try:
             state = self._agent.transfer(handle)
-            sleep_s = 0.0
+            started, sleep_s = time.monotonic(), 0.0
             while state == "PROC":
                 if time.monotonic() > deadline:
                     raise TransferError(f"{what} not done after {self._timeout_s:.1f}s")
                 if sleep_s:
                     time.sleep(sleep_s)
-                sleep_s = min(max(2 * sleep_s, 20e-6), _MAX_POLL_SLEEP_S)
+                elapsed = time.monotonic() - started
+                sleep_s = min(max(elapsed * _POLL_FRACTION, 20e-6), _MAX_POLL_SLEEP_S)
                 state = self._agent.check_xfer_state(handle)
         except TransferError:
             raise
@@ -232,7 +265,7 @@ class NixlBackend:
             if self._is_closed:
                 return
             self._is_closed = True
-            peers, registrations = list(self._peer_mem), self._registrations
+            peers, registrations = list(self._peer_regions), self._registrations
             self._registrations = []
         for peer in peers:
             if peer == self.agent_name:
@@ -246,6 +279,16 @@ class NixlBackend:
                 self._agent.deregister_memory(descs)
             except Exception:
                 logger.warning("nixl: could not deregister memory", exc_info=True)
+
+
+def _mem_type(tags: np.ndarray, what: str) -> str:
+    """The one NIXL memory type of a batch side (tags as shared.RegionTable's)."""
+    is_host = tags == HOST
+    if is_host.all():
+        return "DRAM"
+    if not is_host.any():
+        return "VRAM"
+    raise ValueError(f"nixl: a write's {what}s mix host memory and VRAM; send one pool per batch")
 
 
 def _throttle_progress_thread(agent: object, sync_mode: int) -> None:

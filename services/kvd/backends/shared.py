@@ -35,40 +35,68 @@ def batch_arrays(
     return pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64), dsts.astype(np.uint64)
 
 
+HOST = -1  # RegionTable tag of host memory; a tag >= 0 is the CUDA device of VRAM
+OUTSIDE = -2  # `RegionTable.locate` of a range inside no registered region
+
+
+def tag_of(mem_type: str, device_id: int) -> int:
+    """The RegionTable tag of memory registered as `mem_type` ("DRAM" | "VRAM")."""
+    if mem_type == "DRAM":
+        return HOST
+    if mem_type == "VRAM":
+        if device_id < 0:
+            raise ValueError(f"VRAM needs a device id >= 0, got {device_id}")
+        return device_id
+    raise ValueError(f"memory type must be DRAM or VRAM, not {mem_type!r}")
+
+
 class RegionTable:
-    """The set of registered [addr, addr + length) regions; safe to read while another adds."""
+    """The set of registered [addr, addr + length) regions, each tagged with where it lives
+    (HOST or a GPU index); safe to read while another thread adds."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # (starts, ends), sorted by start; replaced as a whole so readers need no lock
-        self._regions: tuple[np.ndarray, np.ndarray] = (
+        # (starts, ends, tags), sorted by start; replaced as a whole so readers need no lock
+        self._regions: tuple[np.ndarray, np.ndarray, np.ndarray] = (
             np.empty(0, np.uint64),
             np.empty(0, np.uint64),
+            np.empty(0, np.int64),
         )
 
-    def add(self, addr: int, length: int) -> None:
+    def add(self, addr: int, length: int, tag: int = HOST) -> None:
         if addr <= 0 or length <= 0:
             raise ValueError(f"cannot register addr={addr:#x} length={length}")
         with self._lock:
-            starts, ends = self._regions
+            starts, ends, tags = self._regions
             starts = np.append(starts, np.uint64(addr))
             ends = np.append(ends, np.uint64(addr + length))
+            tags = np.append(tags, np.int64(tag))
             order = np.argsort(starts, kind="stable")
-            self._regions = (starts[order], ends[order])
+            self._regions = (starts[order], ends[order], tags[order])
 
     def __len__(self) -> int:
         return len(self._regions[0])
 
+    def regions(self) -> list[tuple[int, int, int]]:
+        """[(addr, length, tag)] of every region, by address."""
+        starts, ends, tags = self._regions
+        return [(int(s), int(e - s), int(t)) for s, e, t in zip(starts, ends, tags, strict=True)]
+
+    def locate(self, addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The tag of the region holding each range, OUTSIDE where no one region holds it."""
+        starts, ends, tags = self._regions
+        if len(starts) == 0:
+            return np.full(len(addrs), OUTSIDE, np.int64)
+        idx = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
+        safe = np.maximum(idx, 0)
+        inside = (idx >= 0) & (addrs + lengths <= ends[safe])
+        return np.where(inside, tags[safe], OUTSIDE)
+
     def first_outside(self, addrs: np.ndarray, lengths: np.ndarray) -> int | None:
         """Index of the first range not inside one registered region, or None if all are."""
-        starts, ends = self._regions
         if len(addrs) == 0:
             return None
-        if len(starts) == 0:
-            return 0
-        idx = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
-        inside = (idx >= 0) & (addrs + lengths <= ends[np.maximum(idx, 0)])
-        bad = np.flatnonzero(~inside)
+        bad = np.flatnonzero(self.locate(addrs, lengths) == OUTSIDE)
         return int(bad[0]) if bad.size else None
 
 

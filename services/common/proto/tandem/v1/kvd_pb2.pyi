@@ -24,25 +24,39 @@ class KvLayout(_message.Message):
     model: str
     def __init__(self, num_pages: _Optional[int] = ..., num_layers: _Optional[int] = ..., page_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
+class KvPlacement(_message.Message):
+    __slots__ = ("gpu_index", "gpu_uuid")
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    gpu_index: int
+    gpu_uuid: bytes
+    def __init__(self, gpu_index: _Optional[int] = ..., gpu_uuid: _Optional[bytes] = ...) -> None: ...
+
 class AttachPoolRequest(_message.Message):
-    __slots__ = ("worker_id", "layout")
+    __slots__ = ("worker_id", "layout", "placement")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     layout: KvLayout
-    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ...) -> None: ...
+    placement: KvPlacement
+    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., placement: _Optional[_Union[KvPlacement, _Mapping]] = ...) -> None: ...
 
 class AttachPoolResponse(_message.Message):
-    __slots__ = ("pool_id", "segment_name", "total_bytes", "reattached")
+    __slots__ = ("pool_id", "segment_name", "total_bytes", "reattached", "cuda_ipc_handle", "kvd_gpu_index")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     REATTACHED_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    KVD_GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     segment_name: str
     total_bytes: int
     reattached: bool
-    def __init__(self, pool_id: _Optional[str] = ..., segment_name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., reattached: _Optional[bool] = ...) -> None: ...
+    cuda_ipc_handle: bytes
+    kvd_gpu_index: int
+    def __init__(self, pool_id: _Optional[str] = ..., segment_name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., reattached: _Optional[bool] = ..., cuda_ipc_handle: _Optional[bytes] = ..., kvd_gpu_index: _Optional[int] = ...) -> None: ...
 
 class RoomAux(_message.Message):
     __slots__ = ("first_token_id", "first_logprob", "top_token_ids", "top_logprobs", "cached_tokens")

@@ -1,0 +1,289 @@
+"""KV transfer of one request between two GPUs through kvd, against a torch peer copy.
+
+    python -m bench.kv_transfer_gpu [--repeats 20] [--warmup 3]
+        [--out bench/results/kv_transfer-h100.json]
+
+One 4,096-token request with a Llama-3.1-8B-shaped KV (32 layers, 8 KV heads, head dim 128,
+bf16, 16-token pages: 256 pages of 2 MiB = 512 MiB) moves from a prefill pool on GPU 0 to a
+decode pool on GPU 1. Two real kvd processes (backend nixl) own the VRAM pools: kvd A holds the
+prefill pool (GPU 0) and a decode pool on GPU 1 for the same-node path, kvd B a decode pool on
+GPU 1 for NIXL. This process plays the workers: AttachPool with a GPU placement, the CUDA IPC
+handles opened as torch tensors, the source pages filled with random bytes, then per room
+ExpectKv (decode) -> AwaitBootstrap (prefill, as before its forward pass) -> SendKv.
+
+Cases (CASE_NOTES), interleaved per repetition, median of `--repeats` after `--warmup`:
+- `torch_peer_copy` (the BASELINE): the same 512 MiB of the prefill pool copied as one
+  contiguous block into a cuda:1 tensor (`.copy_`, both devices synchronized).
+- `local_contiguous`: kvd A's same-node path (cudaMemcpyAsync peer copy per coalesced run;
+  the pages are one run on both sides, as the allocator prefers: 1 descriptor).
+- `nixl_contiguous`: kvd A -> kvd B through NIXL (UCX, VRAM -> VRAM), 1 descriptor.
+- `local_fragmented`, `nixl_fragmented`: every other page on both sides: 256 descriptors.
+`e2e_seconds` runs from issuing SendKv ("prefill done") to ExpectKv returning ("decode has
+it"); `transfer_seconds` is the write alone as kvd timed it (SendKvResponse). Every repetition
+zeroes the destination pages first and compares every byte afterwards. Goals: local >= 0.9x,
+NIXL >= 0.8x the baseline's rate (ratio = baseline median / case median, same bytes). GB =
+1e9 bytes. Results, with the GPUs and driver, go to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from bench.procs import free_port, start, stop, wait_grpc
+from services.common import cudart
+from services.common.kvd_client import gpu_placement
+from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.common.vram import IpcMapping
+
+CHILD_ENV = {"UCX_MODULES": "^ib", "PYTHONUNBUFFERED": "1"}
+TOKENS, PAGE_SIZE = 4096, 16
+NUM_PAGES = TOKENS // PAGE_SIZE  # 256 pages per request
+POOL_PAGES = 2 * NUM_PAGES + 8
+SHAPE = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128}
+PAGE_BYTES = SHAPE["num_layers"] * 2 * PAGE_SIZE * SHAPE["num_kv_heads"] * SHAPE["head_dim"] * 2
+CONTIG = (list(range(5, 5 + NUM_PAGES)), list(range(200, 200 + NUM_PAGES)))
+FRAG = (list(range(0, 2 * NUM_PAGES, 2)), list(range(1, 2 * NUM_PAGES, 2)))
+CASE_NOTES = {
+    "torch_peer_copy": "BASELINE: the request's 512 MiB as one contiguous torch copy "
+                       "cuda:0 -> cuda:1, synchronized",
+    "local_contiguous": "kvd's same-node path, GPU 0 -> GPU 1 peer copy, pages one run on both "
+                        "sides: 1 descriptor",
+    "nixl_contiguous": "two kvds, NIXL (UCX) VRAM -> VRAM, pages one run: 1 descriptor",
+    "local_fragmented": "same-node path, every other page: 256 descriptors of 2 MiB",
+    "nixl_fragmented": "NIXL, every other page: 256 descriptors of 2 MiB",
+}
+GOALS = {"local_contiguous": 0.9, "nixl_contiguous": 0.8}
+GB = 1e9
+
+
+class Kvd:
+    def __init__(self, tmp: Path, name: str) -> None:
+        self.sock, port = str(tmp / f"{name}.sock"), free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.log = tmp / f"{name}.log"
+        self.proc = start(["-m", "services.kvd", "--host", "127.0.0.1", "--port", str(port),
+                           "--socket", self.sock, "--backend", "nixl"], self.log, CHILD_ENV)
+        wait_grpc(f"unix:{self.sock}", self.proc, self.log, timeout=120)
+        self.stub = kvd_pb2_grpc.KvdServiceStub(grpc.insecure_channel(f"unix:{self.sock}"))
+
+    def attach(self, worker: str, gpu: int) -> tuple[str, IpcMapping, torch.Tensor]:
+        """(pool id, mapping, [pages, page_bytes] uint8 view on cuda:gpu)."""
+        layout = kvd_pb2.KvLayout(num_pages=POOL_PAGES, page_size=PAGE_SIZE, dtype="bfloat16",
+                                  model="llama-3.1-8b-shape", **SHAPE)
+        reply = self.stub.AttachPool(kvd_pb2.AttachPoolRequest(
+            worker_id=worker, layout=layout, placement=gpu_placement(gpu)), timeout=120)
+        mapping = IpcMapping.open(gpu, reply.cuda_ipc_handle, reply.total_bytes)
+        view = torch.as_tensor(mapping, device=f"cuda:{gpu}").view(POOL_PAGES, PAGE_BYTES)
+        return reply.pool_id, mapping, view
+
+
+def kvd_room(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[int],
+             dst: list[int]) -> dict[str, Any]:
+    """One room as the workers run it; times as the workers see them."""
+    arrived: list[float] = []
+    landed = threading.Event()
+
+    def on_done(_: object) -> None:
+        arrived.append(time.perf_counter())
+        landed.set()
+
+    expect = recv.stub.ExpectKv.future(kvd_pb2.ExpectKvRequest(
+        pool_id=pools[1], room=room, page_ids=dst, peer_address=send.address,
+        timeout_seconds=60), timeout=120)
+    expect.add_done_callback(on_done)
+    send.stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=room, timeout_seconds=60),
+                             timeout=120)
+    start_t = time.perf_counter()
+    sent = send.stub.SendKv(kvd_pb2.SendKvRequest(
+        pool_id=pools[0], room=room, page_ids=src, peer_address=recv.address,
+        aux=kvd_pb2.RoomAux(first_token_id=7), timeout_seconds=60), timeout=120)
+    returned = time.perf_counter()
+    got = expect.result(timeout=120)
+    assert landed.wait(10) and got.kv_bytes == sent.kv_bytes == len(src) * PAGE_BYTES
+    return {"e2e_seconds": arrived[0] - start_t, "transfer_seconds": sent.transfer_seconds,
+            "send_kv_return_seconds": returned - start_t,
+            "num_descriptors": sent.num_descriptors, "backend": sent.backend}
+
+
+def verify(src: torch.Tensor, dst: torch.Tensor, pages: tuple[list[int], list[int]],
+           what: str) -> None:
+    expected = src[pages[0]].to(dst.device)
+    if not torch.equal(dst[pages[1]], expected):
+        raise AssertionError(f"{what}: destination pages differ from the source")
+
+
+def summarize(samples: list[dict[str, Any]], baseline: list[float]) -> dict[str, Any]:
+    e2e = [s["e2e_seconds"] for s in samples]
+    med = statistics.median(e2e)
+    out: dict[str, Any] = {"median_seconds": med, "gb_per_s": NUM_PAGES * PAGE_BYTES / med / GB,
+                           "min_seconds": min(e2e), "max_seconds": max(e2e),
+                           "ratio_vs_baseline": statistics.median(baseline) / med,
+                           "ratio_per_repetition_median": statistics.median(
+                               b / s for b, s in zip(baseline, e2e, strict=True))}
+    if "transfer_seconds" in samples[0]:
+        write = statistics.median(s["transfer_seconds"] for s in samples)
+        out |= {"transfer_median_seconds": write,
+                "transfer_gb_per_s": NUM_PAGES * PAGE_BYTES / write / GB,
+                "transfer_ratio_vs_baseline": statistics.median(baseline) / write,
+                "send_kv_return_median_seconds": statistics.median(
+                    s["send_kv_return_seconds"] for s in samples),
+                "num_descriptors": samples[0]["num_descriptors"],
+                "backend": samples[0]["backend"]}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30).stdout.strip().splitlines()
+        topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True,
+                              timeout=30).stdout.splitlines()[:3]
+    except (OSError, subprocess.TimeoutExpired):
+        smi, topo = [], []
+    packages: dict[str, str | None] = {}
+    for name in ("torch", "cuda-bindings", "nixl", "nixl-cu13", "grpcio", "protobuf"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "nvidia_smi": smi, "topology": topo, "driver_cuda": cudart.driver_version(),
+            "torch_cuda": torch.version.cuda, "cpu_cores": os.cpu_count(),
+            "python": platform.python_version(), "packages": packages,
+            "env": {k: os.environ.get(k) for k in ("UCX_MODULES", "UCX_TLS",
+                                                   "SGLANG_DISAGGREGATION_NIXL_BACKEND")}}
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    a, b = Kvd(tmp, "a"), Kvd(tmp, "b")
+    mappings: list[IpcMapping] = []
+    try:
+        prefill_id, m0, src = a.attach("prefill-0", 0)
+        local_id, m1, dst_local = a.attach("decode-local-1", 1)
+        nixl_id, m2, dst_nixl = b.attach("decode-nixl-1", 1)
+        mappings += [m0, m1, m2]
+        gen = torch.Generator(device="cuda:0").manual_seed(1)
+        src.copy_(torch.randint(0, 256, src.shape, generator=gen, device="cuda:0",
+                                dtype=torch.uint8))
+        block = torch.empty(NUM_PAGES * PAGE_BYTES, dtype=torch.uint8, device="cuda:1")
+        first, last = CONTIG[0][0], CONTIG[0][-1] + 1
+
+        def baseline() -> dict[str, Any]:
+            torch.cuda.synchronize(0)
+            torch.cuda.synchronize(1)
+            t = time.perf_counter()
+            block.copy_(src[first:last].view(-1))
+            torch.cuda.synchronize(0)
+            torch.cuda.synchronize(1)
+            seconds = time.perf_counter() - t
+            assert torch.equal(block.view(NUM_PAGES, PAGE_BYTES), src[first:last].to("cuda:1"))
+            block.zero_()
+            return {"e2e_seconds": seconds}
+
+        def through(kvd: Kvd, pool: str, dst: torch.Tensor, pages: tuple[list[int], list[int]],
+                    name: str) -> Callable[[int], dict[str, Any]]:
+            def once(rep: int) -> dict[str, Any]:
+                dst[pages[1]] = 0
+                torch.cuda.synchronize(1)
+                sample = kvd_room(a, kvd, (prefill_id, pool), f"{name}-{rep}", *pages)
+                verify(src, dst, pages, f"{name} repetition {rep}")
+                return sample
+            return once
+
+        cases: dict[str, Callable[[int], dict[str, Any]]] = {
+            "torch_peer_copy": lambda rep: baseline(),
+            "local_contiguous": through(a, local_id, dst_local, CONTIG, "local_contiguous"),
+            "nixl_contiguous": through(b, nixl_id, dst_nixl, CONTIG, "nixl_contiguous"),
+            "local_fragmented": through(a, local_id, dst_local, FRAG, "local_fragmented"),
+            "nixl_fragmented": through(b, nixl_id, dst_nixl, FRAG, "nixl_fragmented"),
+        }
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+        failed: dict[str, str] = {}  # a case that raised once is reported, not run again
+        for rep in range(args.warmup + args.repeats):
+            for name, once in cases.items():
+                if name in failed:
+                    continue
+                try:
+                    sample = once(rep)
+                except (AssertionError, grpc.RpcError, RuntimeError) as e:
+                    if name == "torch_peer_copy":
+                        raise
+                    failed[name] = f"repetition {rep}: {type(e).__name__}: {e}"
+                    print(f"{name} failed: {failed[name]}", file=sys.stderr)
+                    continue
+                if rep >= args.warmup:
+                    samples[name].append(sample)
+        base = [s["e2e_seconds"] for s in samples["torch_peer_copy"]]
+        results: dict[str, dict[str, Any]] = {}
+        for name, case_samples in samples.items():
+            if name in failed:
+                results[name] = {"note": CASE_NOTES[name], "error": failed[name]}
+                continue
+            results[name] = {"note": CASE_NOTES[name], **summarize(case_samples, base)}
+            if name in GOALS:
+                results[name]["goal_ratio"] = GOALS[name]
+                results[name]["meets_goal"] = results[name]["ratio_vs_baseline"] >= GOALS[name]
+        return results
+    finally:
+        for mapping in mappings:
+            mapping.close()
+        for kvd in (a, b):
+            stop(kvd.proc)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default="bench/results/kv_transfer-h100.json")
+    args = p.parse_args()
+    if torch.cuda.device_count() < 2:
+        print("kv_transfer_gpu: needs two CUDA GPUs", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="kv-gpu-"))
+    try:
+        results = run(args, tmp)
+    finally:
+        for log in tmp.glob("*.log"):
+            print(f"--- {log.name} (tail)\n{log.read_text(errors='replace')[-1500:]}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    doc = {"bench": "kv_transfer_gpu", "kv_bytes": NUM_PAGES * PAGE_BYTES,
+           "tokens": TOKENS, "page_size": PAGE_SIZE, "page_bytes": PAGE_BYTES, **SHAPE,
+           "dtype": "bfloat16", "repeats": args.repeats, "warmup": args.warmup,
+           "machine": machine(), "cases": results, "unit_gb": GB,
+           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{'case':<18} {'median ms':>10} {'GB/s':>8} {'ratio':>7} {'write ms':>9} {'descs':>6}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<18} FAILED: {r['error'][:300]}")
+            continue
+        print(f"{name:<18} {r['median_seconds'] * 1e3:>10.3f} {r['gb_per_s']:>8.1f} "
+              f"{r['ratio_vs_baseline']:>7.3f} "
+              f"{r.get('transfer_median_seconds', float('nan')) * 1e3:>9.3f} "
+              f"{r.get('num_descriptors', 1):>6}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

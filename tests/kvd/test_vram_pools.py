@@ -1,0 +1,205 @@
+"""kvd-owned VRAM pools on real GPUs: CUDA IPC to worker processes, re-attach, transfers
+between GPUs (same-node peer copies, NIXL and Mooncake between two kvds), and the life cycle
+(a killed worker leaves kvd serving; a stopped or killed kvd gives its GPU memory back)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common.kvd_client import gpu_placement
+from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.common.vram import IpcMapping
+from tests.kvd.vram_layout import PAGE_BYTES, kv_layout_proto, pattern
+from tests.procs import kill, start, start_kvd, stop, wait_healthy
+
+pytestmark = pytest.mark.gpu
+MIB = 1 << 20
+SLACK = 64 * MIB  # GPU memory a fresh process may see move between two readings
+
+
+@pytest.fixture(autouse=True)
+def _gpus():
+    """Two GPUs, and CUDA initialized in this process before any memory baseline."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    for gpu in (0, 1):
+        torch.zeros(1, device=f"cuda:{gpu}")
+    torch.cuda.synchronize()
+
+
+def _stub(sock: str) -> kvd_pb2_grpc.KvdServiceStub:
+    return kvd_pb2_grpc.KvdServiceStub(grpc.insecure_channel(f"unix:{sock}"))
+
+
+def _attach(stub, worker: str, gpu: int, num_pages: int,
+            placement: kvd_pb2.KvPlacement | None = None) -> kvd_pb2.AttachPoolResponse:
+    return stub.AttachPool(kvd_pb2.AttachPoolRequest(
+        worker_id=worker, layout=kv_layout_proto(num_pages),
+        placement=placement or gpu_placement(gpu)), timeout=120)
+
+
+def _open(reply: kvd_pb2.AttachPoolResponse, gpu: int):
+    import torch
+
+    mapping = IpcMapping.open(gpu, reply.cuda_ipc_handle, reply.total_bytes)
+    return mapping, torch.as_tensor(mapping, device=f"cuda:{gpu}")  # [total_bytes] uint8
+
+
+def _free_bytes(gpu: int) -> int:
+    """Free memory of `gpu` as a fresh process sees it."""
+    out = subprocess.run([sys.executable, "-c", "import torch, sys; "
+                          f"print(torch.cuda.mem_get_info({gpu})[0])"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def _worker(tmp: Path, sock: str, worker: str, gpu: int, num_pages: int, seed: int,
+            then: str) -> tuple[subprocess.Popen, str, bytes]:
+    """Run tests/kvd/vram_worker.py until it has filled its pool: (process, pool id, handle)."""
+    ready = tmp / f"{worker}-{seed}.ready"
+    proc = start(["-m", "tests.kvd.vram_worker", sock, worker, str(gpu), str(num_pages),
+                  str(seed), str(ready), then], tmp / f"{worker}-{seed}.log")
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, (tmp / f"{worker}-{seed}.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "the worker did not fill its pool in 120 s"
+        time.sleep(0.1)
+    if then == "exit":
+        assert proc.wait(60) == 0, (tmp / f"{worker}-{seed}.log").read_text()[-2000:]
+    pool_id, handle = ready.read_text().split()
+    return proc, pool_id, bytes.fromhex(handle)
+
+
+def _wait_free(gpu: int, at_least: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        free = _free_bytes(gpu)
+        if free >= at_least or time.monotonic() > deadline:
+            return free
+        time.sleep(1.0)
+
+
+def test_worker_fills_vram_pool_by_ipc_and_reattach_opens_the_same_memory(tmp_path):
+    import torch
+
+    baseline = _free_bytes(0)
+    proc, sock, _ = start_kvd(tmp_path, "k", "nixl")
+    try:
+        _, pool_id, handle = _worker(tmp_path, sock, "prefill-1", 0, 64, seed=1, then="exit")
+        stub = _stub(sock)
+        reply = _attach(stub, "prefill-1", 0, 64)
+        assert (reply.reattached, reply.pool_id, reply.cuda_ipc_handle) == (True, pool_id, handle)
+        assert (reply.segment_name, reply.kvd_gpu_index, reply.total_bytes) == ("", 0,
+                                                                                64 * PAGE_BYTES)
+        mapping, view = _open(reply, 0)
+        assert torch.equal(view, pattern(64 * PAGE_BYTES, 1, view.device))  # what the worker wrote
+        del view
+        mapping.close()
+        torch.cuda.empty_cache()  # this process's cached blocks would count as kvd's below
+        with pytest.raises(grpc.RpcError) as moved:
+            _attach(stub, "prefill-1", 1, 64)
+        assert moved.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "re-attached on GPU 1" in moved.value.details()
+        absent = kvd_pb2.KvPlacement(gpu_index=7, gpu_uuid=b"\xff" * 16)
+        with pytest.raises(grpc.RpcError) as missing:
+            _attach(stub, "decode-9", 7, 64, absent)
+        assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not visible to kvd" in missing.value.details()
+        stats = stub.Stats(kvd_pb2.StatsRequest(), timeout=10)
+        assert [(p.worker_id, p.num_pages) for p in stats.pools] == [("prefill-1", 64)]
+    finally:
+        assert stop(proc) == 0  # SIGTERM: backends closed, then cudaFree
+    assert _wait_free(0, baseline - SLACK) >= baseline - SLACK
+
+
+def test_killed_worker_leaves_kvd_serving_and_killed_kvd_frees_its_vram(tmp_path):
+    import torch
+
+    num_pages = 1 << 16  # 1 GiB
+    baseline = _free_bytes(1)
+    proc, sock, _ = start_kvd(tmp_path, "k", "nixl")
+    try:
+        worker, pool_id, _ = _worker(tmp_path, sock, "decode-1", 1, num_pages, seed=2,
+                                     then="wait")
+        kill(worker)
+        wait_healthy(f"unix:{sock}", proc, timeout=10)
+        stub = _stub(sock)
+        reply = _attach(stub, "decode-1", 1, num_pages)
+        assert reply.reattached and reply.pool_id == pool_id
+        mapping, view = _open(reply, 1)
+        assert torch.equal(view, pattern(num_pages * PAGE_BYTES, 2, view.device))
+        del view
+        mapping.close()
+        torch.cuda.empty_cache()  # this process's cached blocks would count as kvd's below
+        in_use = _free_bytes(1)
+        assert baseline - in_use >= num_pages * PAGE_BYTES
+    finally:
+        kill(proc)
+    assert _wait_free(1, baseline - SLACK) >= baseline - SLACK
+
+
+def _move(send: tuple, recv: tuple, src_gpu: int, dst_gpu: int, room: str) -> str:
+    """Fill a pool on `src_gpu` (kvd `send`), move four coalesced runs of it into a pool on
+    `dst_gpu` (kvd `recv`; the same kvd: the local path), check every byte; the backend."""
+    import torch
+
+    (_, send_sock, send_addr), (_, recv_sock, recv_addr) = send, recv
+    a, b = _stub(send_sock), _stub(recv_sock)
+    src_reply = _attach(a, f"prefill-{room}", src_gpu, 64)
+    dst_reply = _attach(b, f"decode-{room}", dst_gpu, 64)
+    (src_map, src), (dst_map, dst) = _open(src_reply, src_gpu), _open(dst_reply, dst_gpu)
+    try:
+        src.copy_(pattern(src.numel(), 5, src.device))
+        torch.cuda.synchronize(src_gpu)
+        src_pages = [3, 4, 5, 10, 11, 20, 40, 41, 42, 43]
+        dst_pages = [7, 8, 9, 30, 31, 0, 50, 51, 52, 53]  # runs: 3 + 2 + 1 + 4 pages
+        expect = b.ExpectKv.future(kvd_pb2.ExpectKvRequest(
+            pool_id=dst_reply.pool_id, room=room, page_ids=dst_pages, peer_address=send_addr,
+            timeout_seconds=30), timeout=60)
+        sent = a.SendKv(kvd_pb2.SendKvRequest(
+            pool_id=src_reply.pool_id, room=room, page_ids=src_pages, peer_address=recv_addr,
+            aux=kvd_pb2.RoomAux(first_token_id=11), timeout_seconds=30), timeout=60)
+        got = expect.result(timeout=60)
+        assert (sent.kv_bytes, sent.num_descriptors) == (10 * PAGE_BYTES, 4)
+        assert (got.kv_bytes, got.aux.first_token_id) == (sent.kv_bytes, 11)
+        src_pages_t = src.view(64, PAGE_BYTES).cpu()
+        dst_pages_t = dst.view(64, PAGE_BYTES).cpu()
+        for s, d in zip(src_pages, dst_pages, strict=True):
+            assert torch.equal(dst_pages_t[d], src_pages_t[s]), f"page {s} -> {d} differs"
+        untouched = sorted(set(range(64)) - set(dst_pages))
+        assert not dst_pages_t[untouched].any()  # a fresh pool is zeroed; nothing else written
+        for stub in (a, b):
+            stats = stub.Stats(kvd_pb2.StatsRequest(), timeout=10)
+            assert all(p.pinned_pages == 0 for p in stats.pools)
+        return sent.backend
+    finally:
+        del src, dst
+        src_map.close()
+        dst_map.close()
+
+
+def test_local_path_moves_coalesced_runs_between_gpus(tmp_path):
+    kvd = start_kvd(tmp_path, "k", "nixl")
+    try:
+        assert _move(kvd, kvd, 0, 1, "room-0to1") == "local"
+        assert _move(kvd, kvd, 1, 0, "room-1to0") == "local"
+    finally:
+        assert stop(kvd[0]) == 0
+
+
+@pytest.mark.parametrize("backend", ["nixl", "mooncake"])
+def test_backend_moves_vram_pages_between_two_kvds(tmp_path, backend):
+    a, b = start_kvd(tmp_path, "a", backend), start_kvd(tmp_path, "b", backend)
+    try:
+        assert _move(a, b, 0, 1, f"room-{backend}") == backend
+    finally:
+        codes = [stop(a[0]), stop(b[0])]
+    assert codes == [0, 0]
