@@ -1,6 +1,7 @@
 """The engine: requests in, token deltas out, one continuous-batching step at a time.
 
-Contract (single-threaded; the caller owns the loop):
+Contract (single-threaded; the caller owns the loop; a thread other than the constructor's
+calls `use_device()` first):
 - `add_request(request_id, prompt_token_ids, params)` validates and queues; bad input raises
   `EngineInputError` and changes nothing.
 - `step()` schedules, runs the model once, samples, and returns one `RequestOutput` per request
@@ -99,6 +100,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool.layout.num_pages, self.pool.layout.page_size,
                                  config.enable_prefix_cache)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
+        self.use_device()
         self.runner = self._runner()
         graphs = self.runner.graphs
         self._overlap = (OverlappedDecode(graphs.max_batch, model.device)
@@ -111,6 +113,13 @@ class LLMEngine:
         self._requests: dict[str, RequestState] = {}  # every live request, in any state
         self._keep_kv: set[str] = set()  # PD prefill requests whose pages outlive them
         self._arrivals = itertools.count()
+
+    def use_device(self) -> None:
+        """Make the model's GPU the calling thread's current CUDA device (CUDA's current
+        device is per thread: graph capture and Triton launches use it). Call on every thread
+        that drives the engine; the constructor does it for its own."""
+        if self.model.device.type == "cuda":
+            torch.cuda.set_device(self.model.device)
 
     def _runner(self) -> ModelRunner:
         """The model runner with the configured attention backend (and decode CUDA graphs)."""

@@ -210,6 +210,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            self.engine.use_device()
             while self._serve_commands():
                 if self.engine.has_work():
                     self._step()

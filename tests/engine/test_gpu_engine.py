@@ -5,6 +5,7 @@ elsewhere."""
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -139,3 +140,27 @@ def test_mem_fraction_static_sizes_the_pool(tmp_path):
     assert engine.pool.data.is_cuda
     (result,) = engine.generate([[1, 2, 3]], GREEDY)
     assert len(result.token_ids) == 24
+
+
+def test_engine_on_a_second_gpu_driven_from_another_thread(tmp_path):
+    """A worker with --base-gpu-id 1: graphs captured and Triton kernels launched on that GPU,
+    from the engine loop's own thread (CUDA's current device is per thread)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    make_tiny_model("llama", tmp_path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB_SIZE - 3, (n,), generator=g).tolist() for n in (7, 30)]
+    cpu = _engine(tmp_path, "cpu", num_pages=64).generate(prompts, GREEDY)
+    engine = _engine(tmp_path, "cuda:1", num_pages=64)
+    assert engine.runner.graphs is not None and engine.pool.data.device.index == 1
+    results = []
+
+    def drive() -> None:
+        engine.use_device()
+        results.extend(engine.generate(prompts, GREEDY))
+
+    torch.cuda.set_device(0)  # the other thread must not depend on this one's device
+    worker = threading.Thread(target=drive)
+    worker.start()
+    worker.join(120)
+    assert [r.token_ids for r in results] == [r.token_ids for r in cpu]
