@@ -61,6 +61,18 @@ class Deployment:
         self.workers.setdefault(mode, []).append(f"127.0.0.1:{port}")
         return f"127.0.0.1:{port}"
 
+    def kvd(self, backend: str) -> list[str]:
+        """Start this node's kvd (here, so that it stops with the deployment); the flags that
+        point a worker at it."""
+        sock, port = str(self.tmp / "kvd.sock"), free_port()
+        log = self.tmp / "kvd.log"
+        proc = start(["-m", "services.cli", "kvd", "--socket", sock, "--port", str(port),
+                      "--backend", backend], log)
+        self.procs.append(proc)
+        wait_grpc(f"unix:{sock}", proc, log)
+        return ["--kvd-socket", sock, "--kvd-port", str(port),
+                "--disaggregation-transfer-backend", backend]
+
     def gateway(self, args: list[str]) -> str:
         port = free_port()
         log = self.tmp / f"gateway-{port}.log"
@@ -79,14 +91,7 @@ def pd_deployment(tmp: Path, backend: str) -> Deployment:
     """One node: its kvd (started here, so that it stops with the deployment), prefill and
     decode workers, a PD gateway."""
     d = Deployment(tmp)
-    sock, port = str(tmp / "kvd.sock"), free_port()
-    log = tmp / "kvd.log"
-    kvd = start(["-m", "services.cli", "kvd", "--socket", sock, "--port", str(port),
-                 "--backend", backend], log)
-    d.procs.append(kvd)
-    wait_grpc(f"unix:{sock}", kvd, log)
-    node = ["--kvd-socket", sock, "--kvd-port", str(port),
-            "--disaggregation-transfer-backend", backend]
+    node = d.kvd(backend)
     prefill = d.worker("prefill", node)
     decode = d.worker("decode", node)
     d.gateway(["--pd-disaggregation", "--prefill", f"http://{prefill}",

@@ -1,0 +1,181 @@
+"""Serving on two GPUs: PD (prefill on GPU 0, decode on GPU 1) against unified (one replica per
+GPU behind the gateway), the same Poisson load of long prompts.
+
+    python -m bench.serving_gpu [--shape 8b] [--num-prompts 240] [--request-rate auto]
+                                [--out bench/results/serving-h100.json]
+
+The model is Llama-3.1-8B-shaped with random bf16 weights (written once to a temporary folder
+as safetensors), with the byte-level test tokenizer (so the vocabulary is that tokenizer's: a
+few hundred ids instead of 128,256; the LM head is the only shape that differs). Both
+deployments run the same `tandem serve` workers (bf16, Triton attention, CUDA graphs, the same
+--chunked-prefill-size) behind `tandem gateway`; PD's KV moves through its node's kvd (one kvd
+holding the pools of both GPUs: the same-node NVLink path).
+
+Load (`tandem bench`, chat completions, streamed, ignore_eos): random prompts of ~2,000 tokens and
+256 output tokens, Poisson arrivals. `--request-rate auto` first measures unified's capacity
+(all requests at once, 64 prompts) and then runs both deployments at 85% of it. Reported per
+deployment: TTFT, ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT
+SLOs); and PD / unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with
+goodput >= unified's. Results, with the GPUs named, go to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.gpu_baselines import gpu_machine
+from bench.serving_cpu import Deployment, _ratios, run_load
+from services.bench.report import machine_info
+
+# tandem bench's random prompts are N words; the byte-level tokenizer makes ~5.34 tokens of
+# each (seen: a 2,000-word prompt was 10,678 tokens), so N = tokens wanted / 5.34
+BYTE_TOKENS_PER_WORD = 5.34
+
+SHAPES = {
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,  # CPU smoke
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},
+}
+
+
+def write_model(folder: Path, shape: str, device: str) -> None:
+    """config.json, random bf16 safetensors (std 0.02, made on `device`) and the tokenizer."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import EOS_ID, VOCAB_SIZE, write_byte_tokenizer
+
+    s = SHAPES[shape]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **s,
+              "vocab_size": VOCAB_SIZE, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+              "rope_theta": 500000.0, "tie_word_embeddings": False, "eos_token_id": EOS_ID,
+              "torch_dtype": "bfloat16"}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    h, i, d = s["hidden_size"], s["intermediate_size"], s["head_dim"]
+    q, kv = s["num_attention_heads"] * d, s["num_key_value_heads"] * d
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16)
+                * 0.02).cpu()
+
+    tensors = {"model.embed_tokens.weight": rand(VOCAB_SIZE, h), "lm_head.weight": rand(
+        VOCAB_SIZE, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    for layer in range(s["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        tensors.update({
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
+            p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+            p + "mlp.down_proj.weight": rand(h, i)})
+    save_file(tensors, str(folder / "model.safetensors"))
+    write_byte_tokenizer(folder)
+
+
+def _on_gpu(flags: list[str], gpu: int) -> list[str]:
+    return [*flags, "--base-gpu-id", str(gpu)] if "cuda" in flags else flags
+
+
+def unified(tmp: Path, worker_flags: list[str]) -> Deployment:
+    d = Deployment(tmp)
+    workers = [d.worker("null", _on_gpu(worker_flags, gpu)) for gpu in (0, 1)]
+    d.gateway(["--worker", *[f"http://{w}" for w in workers], "--policy", "power_of_two"])
+    return d
+
+
+def pd(tmp: Path, worker_flags: list[str], backend: str) -> Deployment:
+    """One node: its kvd (owning a VRAM pool on each GPU), prefill on GPU 0, decode on GPU 1."""
+    d = Deployment(tmp)
+    node = d.kvd(backend)
+    prefill = d.worker("prefill", _on_gpu([*worker_flags, *node], 0))
+    decode = d.worker("decode", _on_gpu([*worker_flags, *node], 1))
+    d.gateway(["--pd-disaggregation", "--prefill", f"http://{prefill}",
+               "--decode", f"http://{decode}"])
+    return d
+
+
+def _save_log_tails(tmp: Path, to: Path) -> None:
+    """The last lines of every process log of a failed run, in one file beside the results."""
+    parts = [f"=== {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+             for log in sorted(tmp.glob("*.log"))]
+    to.parent.mkdir(parents=True, exist_ok=True)
+    to.write_text("\n".join(parts) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
+    p.add_argument("--num-prompts", type=int, default=240)
+    p.add_argument("--input-len", type=int, default=2000)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--range-ratio", type=float, default=1.0)  # exact lengths
+    p.add_argument("--request-rate", default="auto", help="requests/s, or auto: 85%% of "
+                   "unified's measured capacity")
+    p.add_argument("--chunked-prefill-size", type=int, default=4096)
+    p.add_argument("--slo-ttft-ms", type=float, default=1000)
+    p.add_argument("--slo-itl-ms", type=float, default=25, help="TPOT SLO, as tandem bench")
+    p.add_argument("--backend", default="nixl", choices=("nixl", "mooncake"))
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: a smoke run of this script (use --shape tiny)")
+    p.add_argument("--out", default="bench/results/serving-h100.json")
+    args = p.parse_args()
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        raise SystemExit("bench.serving_gpu needs two GPUs")
+    machine = gpu_machine(torch.device("cuda:0")) if args.device == "cuda" else machine_info()
+    results: dict = {"machine": machine, "config": dict(vars(args))}
+    with tempfile.TemporaryDirectory(prefix="tandem-serving-gpu-") as tmp_name:
+        tmp = Path(tmp_name)
+        model = tmp / "model"
+        write_model(model, args.shape, args.device)
+        flags = ["--model-path", str(model), "--device", args.device,
+                 "--chunked-prefill-size", str(args.chunked_prefill_size)]
+        load = argparse.Namespace(**{**vars(args), "input_len": max(
+            1, round(args.input_len / BYTE_TOKENS_PER_WORD))})
+        runs = [("unified_2x", lambda: unified(tmp, flags)),
+                ("pd_1p1d", lambda: pd(tmp, flags, args.backend))]
+        for name, make in runs:
+            try:
+                d = make()
+            except Exception:
+                _save_log_tails(tmp, Path(args.out).with_suffix(".logs.txt"))
+                raise
+            try:
+                if args.request_rate == "auto" and "capacity" not in results:
+                    probe = argparse.Namespace(**{**vars(load), "num_prompts": 64,
+                                                  "request_rate": "inf"})
+                    summary = run_load(d, probe, tmp, "capacity")["summary"]
+                    results["capacity"] = summary
+                    load.request_rate = round(0.85 * summary["request_throughput"], 2)
+                    print("request rate", load.request_rate, flush=True)
+                results[name] = run_load(d, load, tmp, name)
+            except Exception:
+                _save_log_tails(tmp, Path(args.out).with_suffix(".logs.txt"))
+                raise
+            finally:
+                d.close()
+    pd_summary = results["pd_1p1d"]["summary"]
+    results["pd_over_unified"] = _ratios(pd_summary, results["unified_2x"]["summary"])
+    ratios = results["pd_over_unified"]
+    results["goal"] = {"itl_p99_ratio_max": 0.5, "goodput_ratio_min": 1.0,
+                       "met": ratios.get("itl_ms_p99", 9) <= 0.5
+                       and ratios.get("goodput", 0) >= 1.0}
+    results["config"]["request_rate_used"] = load.request_rate
+    results["config"]["prompt_words"] = load.input_len
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(json.dumps({"pd_over_unified": ratios, "goal": results["goal"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
