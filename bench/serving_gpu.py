@@ -104,6 +104,22 @@ def pd(tmp: Path, worker_flags: list[str], backend: str) -> Deployment:
     return d
 
 
+def itl_by_position(raw_report: Path) -> dict[str, dict[str, float]]:
+    """Where in a request its inter-token gaps are long: the first gap (the first token to the
+    second; in PD the first token is the prefill side's) against all later gaps, p50 / p99 ms."""
+    records = [r for r in json.loads(raw_report.read_text())["requests"]
+               if r["is_success"] and r["itl_s"]]
+
+    def q(values: list[float], p: float) -> float:
+        values = sorted(values)
+        return round(values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))] * 1e3, 2)
+
+    first = [r["itl_s"][0] for r in records]
+    later = [gap for r in records for gap in r["itl_s"][1:]]
+    return {"first_gap_ms": {"p50": q(first, 50), "p99": q(first, 99)},
+            "later_gaps_ms": {"p50": q(later, 50), "p99": q(later, 99)}}
+
+
 def _save_log_tails(tmp: Path, to: Path) -> None:
     """The last lines of every process log of a failed run, in one file beside the results."""
     parts = [f"=== {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
@@ -158,6 +174,7 @@ def main() -> int:
                     load.request_rate = round(0.85 * summary["request_throughput"], 2)
                     print("request rate", load.request_rate, flush=True)
                 results[name] = run_load(d, load, tmp, name)
+                results[name]["itl_by_position"] = itl_by_position(tmp / f"bench-{name}.json")
             except Exception:
                 _save_log_tails(tmp, Path(args.out).with_suffix(".logs.txt"))
                 raise

@@ -20,6 +20,7 @@ from services.bench.config import BACKENDS, BenchConfig, parse_args
 from services.bench.report import format_table, summarize, write_json
 from services.bench.runner import RunResult, make_client, run_benchmark
 from services.bench.workload import BenchRequest, random_requests, sharegpt_requests
+from services.common.process import freeze_gc
 
 PROG = "tandem bench"
 
@@ -46,6 +47,7 @@ async def _run(config: BenchConfig, requests: list[BenchRequest]) -> tuple[str, 
                                   is_chat=config.backend == "openai-chat", model=model,
                                   temperature=config.temperature, ignore_eos=config.ignore_eos,
                                   api_key=config.api_key, timeout_s=config.timeout_s)
+        freeze_gc()  # the client's own GC pauses would count as server latency
         result = await run_benchmark(
             client, settings, requests, request_rate=config.request_rate,
             max_concurrency=config.max_concurrency, seed=config.seed,

@@ -15,6 +15,7 @@ import sys
 
 import uvicorn
 
+from services.common.process import freeze_gc
 from services.common.tracing import setup_tracing
 from services.gateway.app import build_app
 from services.gateway.config import GatewayConfig, load_config
@@ -56,6 +57,7 @@ async def serve(config: GatewayConfig) -> int:
               f"there ({e.strerror or e})", file=sys.stderr)
         return 2
     checker.start()
+    freeze_gc()
     mode = "PD" if config.pd_disaggregation else "unified"
     counts = ", ".join(f"{len(g.workers)} {role}" for role, g in groups.items())
     print(f"gateway ({mode}: {counts}) on http://{config.host}:{config.port}", flush=True)

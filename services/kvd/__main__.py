@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from services.common.process import freeze_gc
 from services.common.tracing import setup_tracing
 from services.kvd.backends.base import BackendUnavailable
 from services.kvd.config import parse_args
@@ -22,6 +23,7 @@ async def _serve(server: KvdServer) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    freeze_gc()
     await stop.wait()
     logger.info("kvd stopping")
     await server.stop()

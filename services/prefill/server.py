@@ -34,6 +34,7 @@ from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind, serve_until_signal
 from services.common.kvd_client import RoomFailed
 from services.common.metrics_http import start_metrics_server
+from services.common.process import freeze_gc
 from services.common.profiler import ProfilerServicer
 from services.common.proto.tandem.v1 import kvd_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.serve_config import ServeConfig
@@ -205,6 +206,7 @@ class PrefillWorker:
         profiler.name = f"{profiler.name}-{port}"  # its trace files' prefix
         servicer.metrics_address = start_metrics_server(
             servicer.metrics.registry, config.host, config.metrics_port, "prefill worker").address
+        freeze_gc()  # the model and graphs are built: later collections skip them
         engine.start()
         banner = f"serving {servicer.model_name} (prefill) on {config.host}:{port}"
 
