@@ -5,8 +5,9 @@ GPU behind the gateway), the same Poisson load of long prompts.
                                 [--out bench/results/serving-h100.json]
 
 The model is Llama-3.1-8B-shaped with random bf16 weights (written once to a temporary folder
-as safetensors), with the byte-level test tokenizer (so the vocabulary is that tokenizer's: a
-few hundred ids instead of 128,256; the LM head is the only shape that differs). Both
+as safetensors), with a word-level tokenizer over tandem bench's word list (so the vocabulary is
+178 ids instead of 128,256; the LM head is the only shape that differs, and every generated
+token is a whole word: one streamed chunk). Both
 deployments run the same `tandem serve` workers (bf16, Triton attention, CUDA graphs, the same
 --chunked-prefill-size) behind `tandem gateway`; PD's KV moves through its node's kvd (one kvd
 holding the pools of both GPUs: the same-node NVLink path).
@@ -32,10 +33,6 @@ from bench.gpu_baselines import gpu_machine
 from bench.serving_cpu import Deployment, _ratios, run_load
 from services.bench.report import machine_info
 
-# tandem bench's random prompts are N words; the byte-level tokenizer makes ~5.34 tokens of
-# each (seen: a 2,000-word prompt was 10,678 tokens), so N = tokens wanted / 5.34
-BYTE_TOKENS_PER_WORD = 5.34
-
 SHAPES = {
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
@@ -46,18 +43,42 @@ SHAPES = {
 }
 
 
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_word_tokenizer(folder: Path) -> int:
+    """A word-level tokenizer over tandem bench's word list (one token per prompt word), with
+    the ChatML specials: every token a random model emits decodes to a whole word, so each is
+    one streamed chunk (a byte-level vocabulary makes random models emit partial UTF-8
+    characters that the detokenizer holds back, several tokens at a time, which reads as long
+    inter-token gaps). Returns the vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from services.bench.workload import WORDS
+    from tests.tiny_models import CHATML
+
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *dict.fromkeys(WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "chat_template": CHATML,
+        "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return len(vocab)
+
+
 def write_model(folder: Path, shape: str, device: str) -> None:
     """config.json, random bf16 safetensors (std 0.02, made on `device`) and the tokenizer."""
     from safetensors.torch import save_file
 
-    from tests.tiny_models import EOS_ID, VOCAB_SIZE, write_byte_tokenizer
-
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_word_tokenizer(folder)
     s = SHAPES[shape]
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **s,
-              "vocab_size": VOCAB_SIZE, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-              "rope_theta": 500000.0, "tie_word_embeddings": False, "eos_token_id": EOS_ID,
-              "torch_dtype": "bfloat16"}
-    folder.mkdir(parents=True, exist_ok=True)
+              "vocab_size": vocab_size, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+              "rope_theta": 500000.0, "tie_word_embeddings": False,
+              "eos_token_id": SPECIALS.index("<|im_end|>"), "torch_dtype": "bfloat16"}
     (folder / "config.json").write_text(json.dumps(config))
     h, i, d = s["hidden_size"], s["intermediate_size"], s["head_dim"]
     q, kv = s["num_attention_heads"] * d, s["num_key_value_heads"] * d
@@ -67,8 +88,9 @@ def write_model(folder: Path, shape: str, device: str) -> None:
         return (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16)
                 * 0.02).cpu()
 
-    tensors = {"model.embed_tokens.weight": rand(VOCAB_SIZE, h), "lm_head.weight": rand(
-        VOCAB_SIZE, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    tensors = {"model.embed_tokens.weight": rand(vocab_size, h),
+               "lm_head.weight": rand(vocab_size, h),
+               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
     for layer in range(s["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors.update({
@@ -79,7 +101,6 @@ def write_model(folder: Path, shape: str, device: str) -> None:
             p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
             p + "mlp.down_proj.weight": rand(h, i)})
     save_file(tensors, str(folder / "model.safetensors"))
-    write_byte_tokenizer(folder)
 
 
 def _on_gpu(flags: list[str], gpu: int) -> list[str]:
@@ -155,8 +176,7 @@ def main() -> int:
         write_model(model, args.shape, args.device)
         flags = ["--model-path", str(model), "--device", args.device,
                  "--chunked-prefill-size", str(args.chunked_prefill_size)]
-        load = argparse.Namespace(**{**vars(args), "input_len": max(
-            1, round(args.input_len / BYTE_TOKENS_PER_WORD))})
+        load = argparse.Namespace(**vars(args))
         runs = [("unified_2x", lambda: unified(tmp, flags)),
                 ("pd_1p1d", lambda: pd(tmp, flags, args.backend))]
         for name, make in runs:
@@ -187,7 +207,6 @@ def main() -> int:
                        "met": ratios.get("itl_ms_p99", 9) <= 0.5
                        and ratios.get("goodput", 0) >= 1.0}
     results["config"]["request_rate_used"] = load.request_rate
-    results["config"]["prompt_words"] = load.input_len
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(json.dumps({"pd_over_unified": ratios, "goal": results["goal"]}, indent=2))
