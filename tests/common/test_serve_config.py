@@ -102,3 +102,19 @@ def test_config_module_does_not_import_torch():
     code = ("import sys, services.common.serve_config as c; c.parse_serve_args([]); "
             "assert 'torch' not in sys.modules and 'grpc' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_gpu_flags_parse_and_bad_values_fail_naming_the_flag(capsys):
+    config = parse_serve_args(["--dtype", "bfloat16", "--attention-backend", "torch_native",
+                               "--disable-cuda-graph", "--cuda-graph-max-bs", "8",
+                               "--disable-overlap-schedule"])
+    assert (config.dtype, config.attention_backend, config.cuda_graph_max_bs) == (
+        "bfloat16", "torch_native", 8)
+    assert config.disable_cuda_graph and config.disable_overlap_schedule
+    for argv in (["--dtype", "bf16"], ["--attention-backend", "flashinfer"]):
+        with pytest.raises(SystemExit) as info:
+            parse_serve_args(argv)
+        assert info.value.code == 2
+    assert "invalid choice: 'flashinfer'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--cuda-graph-max-bs must be >= 1"):
+        parse_serve_args(["--cuda-graph-max-bs", "0"])
