@@ -5,6 +5,13 @@ Contract: `create_segment` (kvd only) makes `/dev/shm/<name>` of `size` bytes an
 mappings stay valid until unmapped. Unlike `multiprocessing.shared_memory`, nothing here
 registers with Python's resource tracker, which would unlink a segment when a *worker* exits
 and break the re-attach of a restarted worker.
+
+Orphans. A kvd killed with SIGKILL (or by the OOM killer) cannot unlink its segments, and
+/dev/shm keeps them — RAM — until reboot. kvd names its segments `owner_prefix()` + ...:
+`tandem-kvd-<pid namespace>-<pid>-`; `remove_orphans` (a starting kvd) unlinks the segments
+whose owner is gone: same pid namespace, no such process. Segments of live processes, of other
+pid namespaces (containers sharing /dev/shm), of other users and names without an owner are
+left alone.
 """
 
 from __future__ import annotations
@@ -53,6 +60,48 @@ def unlink_segment(name: str) -> None:
         os.unlink(SHM_DIR / name)
     except FileNotFoundError:
         pass
+
+
+PREFIX = "tandem-kvd-"
+
+
+def owner_prefix() -> str:
+    """`tandem-kvd-<pid namespace inode>-<pid>-`: what this process's segment names start with."""
+    return f"{PREFIX}{_pid_namespace()}-{os.getpid()}-"
+
+
+def remove_orphans() -> list[str]:
+    """Unlink the segments of kvds that no longer exist (see the module docstring); returns
+    the names removed."""
+    namespace = _pid_namespace()
+    removed = []
+    for path in SHM_DIR.glob(f"{PREFIX}{namespace}-*"):
+        pid_text = path.name[len(f"{PREFIX}{namespace}-"):].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        try:
+            path.unlink()
+        except (FileNotFoundError, PermissionError):
+            continue
+        removed.append(path.name)
+    return removed
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc: a namespace no orphan can claim
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def buffer_address(buf: mmap.mmap) -> int:

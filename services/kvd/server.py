@@ -25,6 +25,7 @@ from services.common.grpc_errors import SERVER_OPTIONS, ExceptionInterceptor
 from services.common.grpc_server import bind_address
 from services.common.metrics_http import MetricsEndpoint, start_metrics_server
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.common.shm import owner_prefix, remove_orphans
 from services.kvd.backends.base import TransferError, create_backend
 from services.kvd.config import KvdConfig
 from services.kvd.core import KvdCore, RoomError
@@ -181,7 +182,9 @@ class KvdServer:
 
     def __init__(self, config: KvdConfig) -> None:
         self.config = config
-        kvd_id = f"tandem-kvd-{uuid.uuid4().hex[:8]}"
+        for name in remove_orphans():
+            logger.info("removed /dev/shm/%s: its kvd is gone", name)
+        kvd_id = owner_prefix() + uuid.uuid4().hex[:8]
         backend = create_backend(config.backend, hostname=config.host,
                                  ib_device=config.ib_device)
         self.core = KvdCore(kvd_id, config.peer_address, backend, create_backend("local"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
-from services.common.shm import map_segment
+from services.common.shm import SHM_DIR, map_segment
 from tests.procs import start_kvd, stop
 
 LAYOUT = kvd_pb2.KvLayout(
@@ -436,3 +436,36 @@ def test_bytes_that_do_not_parse_are_invalid_argument(two_kvds, surface, method)
         assert await _pinned(_client(sock_a)) == 0
 
     asyncio.run(run())
+
+
+def test_a_killed_kvds_segments_are_removed_by_the_next_kvd(tmp_path):
+    """SIGKILL leaves /dev/shm segments behind (RAM until reboot); the next kvd on the machine
+    unlinks those whose owner is gone, and only those."""
+    proc, sock, _ = start_kvd(tmp_path, "doomed", "nixl")
+    live, live_sock, _ = start_kvd(tmp_path, "alive", "nixl")
+    try:
+        async def attach_both():
+            doomed, _ = await _attach(_client(sock), "orphan")
+            kept, _ = await _attach(_client(live_sock), "kept")
+            return doomed.segment_name, kept.segment_name
+
+        orphan, kept = asyncio.run(attach_both())
+        proc.kill()
+        proc.wait(10)
+        assert (SHM_DIR / orphan).exists()
+        successor, successor_sock, _ = start_kvd(tmp_path, "successor", "nixl")
+        try:
+            assert not (SHM_DIR / orphan).exists()
+            assert (SHM_DIR / kept).exists()  # its kvd lives
+
+            async def kept_pool_serves() -> bool:  # the live kvd's pool is untouched
+                stats = await _client(live_sock).Stats(kvd_pb2.StatsRequest())
+                return [p.worker_id for p in stats.pools] == ["kept"]
+
+            assert asyncio.run(kept_pool_serves())
+        finally:
+            assert stop(successor) == 0
+    finally:
+        stop(proc)
+        assert stop(live) == 0
+    assert not (SHM_DIR / kept).exists()  # a kvd that stops unlinks its own
