@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.serve_config import ATTENTION_BACKENDS
 from services.engine.attention import TorchPagedAttention
 from services.engine.config import ModelConfig
 from services.engine.kv_cache_manager import KVCacheManager
@@ -83,7 +84,6 @@ class EngineConfig:
 
 
 DEFAULT_CPU_PAGES = 2048
-ATTENTION_BACKENDS = ("auto", "triton", "torch_native")
 
 
 class LLMEngine:

@@ -66,6 +66,7 @@ class LlamaModel:
         )
         h, kvh, d = config.num_heads, config.num_kv_heads, config.head_dim
         self._qkv_split = [h * d, kvh * d, kvh * d]
+        self._add_norm, self._rope_, self._silu_mul = self._ops()
 
     def _take_layer(self, i: int, take: Any, weights: dict[str, torch.Tensor]) -> _Layer:
         p = f"model.layers.{i}."
@@ -96,7 +97,7 @@ class LlamaModel:
         cfg = self.config
         eps = cfg.rms_norm_eps
         num_tokens = input_ids.shape[0]
-        add_norm, rope, silu_mul = self._ops()
+        add_norm, rope, silu_mul = self._add_norm, self._rope_, self._silu_mul
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         head_shape = (d,)
         residual = self.embed[input_ids]  # [num_tokens, hidden]
@@ -123,7 +124,8 @@ class LlamaModel:
         return x
 
     def _ops(self) -> tuple[Any, Any, Any]:
-        """(add_norm, rope, silu_mul): the fused Triton kernels or the torch reference."""
+        """(add_norm, rope, silu_mul): the fused Triton kernels or the torch reference; chosen
+        once, at construction."""
         if self.fused:
             from services.engine import triton_ops
 

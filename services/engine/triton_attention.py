@@ -235,10 +235,8 @@ class DecodeBuffers:
         header, table = self._staging[self._turn]
         self._turn ^= 1
         h, t = header.numpy(), table.numpy()
-        kv_lens = np.fromiter((c.num_cached + c.num_new for c in chunks), np.int64, b)
-        for i, chunk in enumerate(chunks):
-            n = -(-int(kv_lens[i]) // page_size)
-            t[i, :n] = chunk.page_ids[:n]
+        kv_lens = _kv_lens(chunks, np.int64)
+        _write_page_rows(t, chunks, kv_lens, page_size)
         positions = kv_lens - 1
         pages = t[np.arange(b), positions // page_size].astype(np.int64)
         h[:4, b:padded_batch] = 0
@@ -262,10 +260,21 @@ class DecodeBuffers:
 
 def _page_table(chunks: list[SequenceChunk], page_size: int) -> tuple[np.ndarray, np.ndarray]:
     """[N, max_pages] int32 page ids (0-padded) covering each chunk's KV, [N] int32 KV lengths."""
-    kv_lens = np.array([c.num_cached + c.num_new for c in chunks], dtype=np.int32)
-    max_pages = -(-int(kv_lens.max()) // page_size)
-    table = np.zeros((len(chunks), max_pages), dtype=np.int32)
+    kv_lens = _kv_lens(chunks, np.int32)
+    table = np.zeros((len(chunks), -(-int(kv_lens.max()) // page_size)), dtype=np.int32)
+    _write_page_rows(table, chunks, kv_lens, page_size)
+    return table, kv_lens
+
+
+def _kv_lens(chunks: list[SequenceChunk], dtype: type) -> np.ndarray:
+    """[N] tokens each chunk attends to: its cached ones and its new ones."""
+    return np.fromiter((c.num_cached + c.num_new for c in chunks), dtype, len(chunks))
+
+
+def _write_page_rows(table: np.ndarray, chunks: list[SequenceChunk], kv_lens: np.ndarray,
+                     page_size: int) -> None:
+    """Row i of `table` starts with the pages holding chunk i's first kv_lens[i] tokens (the
+    rest of the row is left as it is: nothing reads past a sequence's length)."""
     for i, chunk in enumerate(chunks):
         n = -(-int(kv_lens[i]) // page_size)
         table[i, :n] = chunk.page_ids[:n]
-    return table, kv_lens
