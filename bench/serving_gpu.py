@@ -31,7 +31,7 @@ import torch
 
 from bench.gpu_baselines import gpu_machine
 from bench.serving_cpu import Deployment, _ratios, run_load
-from services.bench.report import machine_info
+from services.bench.report import machine_info, percentile
 
 SHAPES = {
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -131,9 +131,8 @@ def itl_by_position(raw_report: Path) -> dict[str, dict[str, float]]:
     records = [r for r in json.loads(raw_report.read_text())["requests"]
                if r["is_success"] and r["itl_s"]]
 
-    def q(values: list[float], p: float) -> float:
-        values = sorted(values)
-        return round(values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))] * 1e3, 2)
+    def q(values: list[float], p: float) -> float:  # as tandem bench's own percentiles
+        return round(percentile(values, p) * 1e3, 2)
 
     first = [r["itl_s"][0] for r in records]
     later = [gap for r in records for gap in r["itl_s"][1:]]
