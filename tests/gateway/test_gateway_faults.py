@@ -12,22 +12,14 @@ import pytest
 
 from tests.gateway.stack import Stack, metric
 from tests.pd.harness import launch_worker
-from tests.tiny_models import make_tiny_model
 
 # prompts long enough, and chunks small enough, that requests queue at the prefill workers
 PREFILL = ["--chunked-prefill-size", "16"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    make_tiny_model("llama", folder)
-    return str(folder)
-
-
 @pytest.fixture
 def stack(model, tmp_path):
-    s = Stack(tmp_path, model)
+    s = Stack(tmp_path, str(model))
     try:
         yield s
     finally:

@@ -25,16 +25,9 @@ from tests.pd.harness import (
     wait_baseline,
 )
 from tests.procs import free_port, start, stop, wait_healthy
-from tests.tiny_models import VOCAB_SIZE, make_tiny_model
+from tests.tiny_models import VOCAB_SIZE
 
 WORKLOAD = [(5, 3), (9, 6), (16, 4), (23, 9), (40, 7)]  # (prompt tokens, max_tokens)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,9 @@ from tests.pd.harness import (
     start_worker,
     worker_load,
 )
-from tests.tiny_models import VOCAB_SIZE, make_tiny_model
+from tests.tiny_models import VOCAB_SIZE
 
 NUM_REQUESTS = 16
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module", params=["nixl", "mooncake"])

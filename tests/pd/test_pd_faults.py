@@ -33,7 +33,7 @@ from tests.pd.harness import (
     wait_baseline,
 )
 from tests.procs import free_port, kill, start_kvd_at, stop
-from tests.tiny_models import VOCAB_SIZE, make_tiny_model
+from tests.tiny_models import VOCAB_SIZE
 
 BOOTSTRAP_TIMEOUT = 3.0
 WAITING_TIMEOUT = 3.0
@@ -47,13 +47,6 @@ KVD_ENV = {
 }
 WORKER_ENV = {"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(WAITING_TIMEOUT)}
 SLACK = 2.0  # process scheduling on a loaded 2-core machine
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @dataclass

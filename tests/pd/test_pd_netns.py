@@ -21,17 +21,10 @@ from tests.pd.harness import (
     wait_baseline,
 )
 from tests.procs import start_kvd
-from tests.tiny_models import VOCAB_SIZE, make_tiny_model
+from tests.tiny_models import VOCAB_SIZE
 
 # long prompts: the KV (~770 KB) dwarfs the gRPC and heartbeat traffic on the same veths
 PROMPT_LENGTHS = [37, 90, 131, 170, 212, 250, 293, 330]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
