@@ -9,9 +9,10 @@ Copies. Host to host: memmove (releases the GIL, so threads copy in parallel). A
 VRAM: one `cudaMemcpyAsync` per descriptor (a coalesced page run), straight from the source
 pages to the destination pages — GPU to GPU over NVLink / PCIe peer-to-peer (peer access is
 enabled between every two GPUs that hold registered memory), no staging through the host — on
-a stream of the writing thread's own, synchronized before `write` returns. (Cutting a large
-descriptor over four streams was measured no faster on 2xH100: 1.73 ms against 1.68 ms for
-512 MiB; the copy engines' ~320 GB/s is below torch's SM-driven peer copy, ~365 GB/s.)
+a stream of the writing thread's own, synchronized before `write` returns. On 2xH100 NV18 one
+`cudaMemcpyAsync` of 512 MiB runs at 388 GB/s, as fast as torch's peer copy (383 GB/s) and
+faster than an SM copy kernel (333-347 GB/s); cutting it over four streams gained nothing
+(bench/peer_copy_gpu.py, bench/results/peer_copy-h100.json).
 
 Checks. Any host memory works while nothing is registered; once a region is registered every
 source and destination range must lie in a registered region, and a range that does not raises
