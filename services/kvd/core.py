@@ -51,6 +51,14 @@ class _RecvRoom:
     released: asyncio.Event = field(default_factory=asyncio.Event)  # the worker gave up
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # no write can land any more
     is_bootstrapped: bool = False  # `peer` took the bootstrap: its heartbeats now count
+    wakeup: asyncio.Future[None] | None = None  # what the waiting ExpectKv awaits
+
+    def wake(self) -> None:
+        """Let the waiting ExpectKv look at the room again (`done` or `released` changed).
+        Called directly where they change, so that the waiter runs on the loop's next turn;
+        a done-callback on `done` is only the safety net."""
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
 
 
 @dataclass(slots=True)
@@ -166,13 +174,15 @@ class KvdCore:
     async def _wait_for_kv(self, req: kvd_pb2.ExpectKvRequest,
                            room: _RecvRoom) -> tuple[kvd_pb2.RoomAux, int]:
         timeout = req.timeout_seconds or self.settings.waiting_timeout
-        released = asyncio.ensure_future(room.released.wait())
-        try:
-            done, _ = await asyncio.wait({room.done, released}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            released.cancel()
-        if room.done in done:
+        if not room.done.done() and not room.released.is_set():
+            room.wakeup = asyncio.get_running_loop().create_future()
+            room.done.add_done_callback(lambda _: room.wake())
+            try:
+                async with asyncio.timeout(timeout):
+                    await room.wakeup
+            except TimeoutError:
+                pass
+        if room.done.done():
             return room.done.result()
         if room.released.is_set():
             raise RoomError("CANCELLED", f"room {req.room!r} was released", "cancelled")
@@ -221,6 +231,7 @@ class KvdCore:
                                               "sender_failed"))
         else:
             room.done.set_result((req.aux, req.kv_bytes))
+        room.wake()
 
     async def heartbeat_loop(self) -> None:
         """Fail the rooms waiting on a prefill kvd that stopped answering."""
@@ -291,6 +302,8 @@ class KvdCore:
         if room in self._cancelled:
             raise RoomError("ABORTED", f"room {room!r} was cancelled by the decode side")
         future = self._boot_future(room)
+        if future.done() and not future.cancelled():  # the usual case: no timer, no task
+            return future.result()
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -414,6 +427,10 @@ class KvdCore:
             if raise_errors:
                 raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not "
                                 f"take the KV: {e}", "notify_failed") from None
+            return
+        # Let the woken ExpectKv answer the decode worker before this SendKv answers the
+        # prefill worker: decode's wait is on a request's critical path, prefill's is not.
+        await asyncio.sleep(0)
 
     def _job(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
              boot: kvd_pb2.BootstrapRequest, known: _KnownPeer) -> tuple[TransferJob, int]:
@@ -444,6 +461,7 @@ class KvdCore:
         room = self._recv.get(name)
         if room is not None:
             room.released.set()
+            room.wake()
             await asyncio.wait_for(room.drained.wait(), self.settings.waiting_timeout + 5.0)
             existed = True
         boot = self._bootstraps.get(name)

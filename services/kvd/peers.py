@@ -53,6 +53,10 @@ class PeerDirectory:
 
     async def get(self, address: str, fresh: bool = False) -> Peer:
         lock = self._locks.setdefault(address, asyncio.Lock())
+        if not fresh and not lock.locked():  # the hot path: no handshake, no lock, no await
+            old = self._peers.get(address)
+            if old is not None and not old.is_dead and old.sent_metadata == self._metadata():
+                return old
         async with lock:
             old = self._peers.get(address)
             metadata = self._metadata()

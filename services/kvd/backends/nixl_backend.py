@@ -90,6 +90,8 @@ class NixlBackend:
         self._peer_regions: dict[str, RegionTable] = {}  # peer -> its registered regions
         self._registrations: list[object] = []
         self._regions = RegionTable()  # the same ranges with their memory type and device
+        self._metadata: bytes | None = None  # memo of metadata(); a registration clears it
+        self._generation = 0  # registrations so far (a memo made across one is not kept)
         self._is_closed = False
         sync_mode = getattr(
             nixl_thread_sync_t, "NIXL_THREAD_SYNC_RW", nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
@@ -147,13 +149,25 @@ class NixlBackend:
         self._regions.add(addr, length, tag)
         with self._lock:
             self._registrations.append(descs)
+            self._metadata = None
+            self._generation += 1
 
     def metadata(self) -> bytes:
+        """Memoized: kvd compares it on every room's peer look-up (NIXL serializes every
+        registration each time it is asked); a registration clears the memo."""
+        with self._lock:
+            if self._metadata is not None:
+                return self._metadata
+            generation = self._generation
         name = self.agent_name.encode()
         regions = self._regions.regions()
         packed = b"".join(_REGION.pack(*region) for region in regions)
         header = _HEADER.pack(_MAGIC, len(name), len(regions))
-        return header + name + packed + self._agent.get_agent_metadata()
+        metadata = header + name + packed + self._agent.get_agent_metadata()
+        with self._lock:
+            if self._generation == generation:
+                self._metadata = metadata
+        return metadata
 
     def connect(self, peer_metadata: bytes) -> str:
         if len(peer_metadata) <= _HEADER.size or peer_metadata[:4] != _MAGIC:
