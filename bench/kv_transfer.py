@@ -53,6 +53,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import services  # noqa: F401 - first: sets gRPC's experiments, as in the workers
+
+# isort: split
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
