@@ -77,7 +77,9 @@ class DecodeGraphs:
             self._forward(size)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=memory_pool):
+        # our own stream: torch's default capture stream is made once per process, on the GPU
+        # that was current then (an engine on another GPU would capture into it and fail)
+        with torch.cuda.graph(graph, pool=memory_pool, stream=stream):
             logits = self._forward(size)
         return graph, logits
 

@@ -46,6 +46,8 @@ class LlamaModel:
                  fused: bool | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current GPU
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self.fused = self.device.type == "cuda" if fused is None else fused
 
