@@ -15,7 +15,12 @@ Cases (CASE_NOTES), interleaved per repetition, median of `--repeats` after `--w
 - `torch_peer_copy` (the BASELINE): the same 512 MiB of the prefill pool copied as one
   contiguous block into a cuda:1 tensor (`.copy_`, both devices synchronized).
 - `local_contiguous`: kvd A's same-node path (cudaMemcpyAsync peer copy per coalesced run;
-  the pages are one run on both sides, as the allocator prefers: 1 descriptor).
+  the pages are one run on both sides, as the allocator prefers: 1 descriptor). Like a decode
+  worker with a VRAM pool, this process accepts a ready event: kvd answers ExpectKv once the
+  copy is queued, and the decode side "has it" when the event completes (it synchronizes on
+  it, with its IPC handle opened once per handle as the worker does).
+- `local_contiguous_no_event`: the same room without accepting an event (kvd answers after
+  the copy, as before ready events).
 - `nixl_contiguous`: kvd A -> kvd B through NIXL (UCX, VRAM -> VRAM), 1 descriptor.
 - `local_fragmented`, `nixl_fragmented`: every other page on both sides: 256 descriptors.
 - `local_one_page`, `nixl_one_page`: one page, so that e2e is mostly the control plane
@@ -70,7 +75,10 @@ CASE_NOTES = {
     "torch_peer_copy": "BASELINE: the request's 512 MiB as one contiguous torch copy "
                        "cuda:0 -> cuda:1, synchronized",
     "local_contiguous": "kvd's same-node path, GPU 0 -> GPU 1 peer copy, pages one run on both "
-                        "sides: 1 descriptor",
+                        "sides: 1 descriptor; the decode side accepts a ready event (answered "
+                        "once the copy is queued; 'has it' when the event completes)",
+    "local_contiguous_no_event": "the same without accepting a ready event: kvd answers "
+                                 "after the copy",
     "nixl_contiguous": "two kvds, NIXL (UCX) VRAM -> VRAM, pages one run: 1 descriptor",
     "local_fragmented": "same-node path, every other page: 256 descriptors of 2 MiB",
     "nixl_fragmented": "NIXL, every other page: 256 descriptors of 2 MiB",
@@ -103,19 +111,32 @@ class Kvd:
         return reply.pool_id, mapping, view
 
 
+READY_EVENTS: dict[bytes, torch.cuda.Event] = {}  # as a decode worker caches kvd's events
+
+
 def kvd_room(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[int],
-             dst: list[int]) -> dict[str, Any]:
-    """One room as the workers run it; times as the workers see them."""
+             dst: list[int], accept_event: bool = True) -> dict[str, Any]:
+    """One room as the workers run it; times as the workers see them. `accept_event`: as a
+    decode worker with a VRAM pool does (the default); "decode has it" is then when the ready
+    event kvd answered with (if any) has completed."""
     arrived: list[float] = []
     landed = threading.Event()
 
-    def on_done(_: object) -> None:
-        arrived.append(time.perf_counter())
-        landed.set()
+    def on_done(future: grpc.Future) -> None:
+        try:
+            handle = future.result().ready_event
+            if handle:
+                event = READY_EVENTS.get(handle)
+                if event is None:
+                    event = READY_EVENTS[handle] = torch.cuda.Event.from_ipc_handle(1, handle)
+                event.synchronize()
+        finally:
+            arrived.append(time.perf_counter())
+            landed.set()
 
     expect = recv.stub.ExpectKv.future(kvd_pb2.ExpectKvRequest(
         pool_id=pools[1], room=room, page_ids=dst, peer_address=send.address,
-        timeout_seconds=60), timeout=120)
+        timeout_seconds=60, accept_ready_event=accept_event), timeout=120)
     expect.add_done_callback(on_done)
     send.stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=room, timeout_seconds=60),
                              timeout=120)
@@ -127,6 +148,7 @@ def kvd_room(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[
     got = expect.result(timeout=120)
     assert landed.wait(10) and got.kv_bytes == sent.kv_bytes == len(src) * PAGE_BYTES
     return {"e2e_seconds": arrived[0] - start_t, "transfer_seconds": sent.transfer_seconds,
+            "ready_event": bool(got.ready_event),
             "send_kv_return_seconds": returned - start_t, "kv_bytes": sent.kv_bytes,
             "num_descriptors": sent.num_descriptors, "backend": sent.backend}
 
@@ -156,7 +178,8 @@ def summarize(samples: list[dict[str, Any]], baseline: list[float]) -> dict[str,
                 "send_kv_return_median_seconds": statistics.median(
                     s["send_kv_return_seconds"] for s in samples),
                 "num_descriptors": samples[0]["num_descriptors"],
-                "backend": samples[0]["backend"]}
+                "backend": samples[0]["backend"],
+                "answered_with_ready_event": samples[0]["ready_event"]}
         if same_bytes:
             out["transfer_ratio_vs_baseline"] = statistics.median(baseline) / write
     return out
@@ -212,11 +235,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             return {"e2e_seconds": seconds}
 
         def through(kvd: Kvd, pool: str, dst: torch.Tensor, pages: tuple[list[int], list[int]],
-                    name: str) -> Callable[[int], dict[str, Any]]:
+                    name: str, accept_event: bool = True) -> Callable[[int], dict[str, Any]]:
             def once(rep: int) -> dict[str, Any]:
                 dst[pages[1]] = 0
                 torch.cuda.synchronize(1)
-                sample = kvd_room(a, kvd, (prefill_id, pool), f"{name}-{rep}", *pages)
+                sample = kvd_room(a, kvd, (prefill_id, pool), f"{name}-{rep}", *pages,
+                                  accept_event=accept_event)
                 verify(src, dst, pages, f"{name} repetition {rep}")
                 return sample
             return once
@@ -224,6 +248,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         cases: dict[str, Callable[[int], dict[str, Any]]] = {
             "torch_peer_copy": lambda rep: baseline(),
             "local_contiguous": through(a, local_id, dst_local, CONTIG, "local_contiguous"),
+            "local_contiguous_no_event": through(a, local_id, dst_local, CONTIG,
+                                                 "local_contiguous_no_event", False),
             "nixl_contiguous": through(b, nixl_id, dst_nixl, CONTIG, "nixl_contiguous"),
             "local_fragmented": through(a, local_id, dst_local, FRAG, "local_fragmented"),
             "nixl_fragmented": through(b, nixl_id, dst_nixl, FRAG, "nixl_fragmented"),

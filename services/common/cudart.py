@@ -192,3 +192,44 @@ def driver_version() -> str:
     """The driver's CUDA version as "major.minor" (e.g. "13.0")."""
     version = int(_call("cudaDriverGetVersion", runtime().cudaDriverGetVersion()))
     return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def ipc_event_create(device: int) -> tuple[Any, bytes]:
+    """(event, its CUDA IPC handle) on `device`: an interprocess event without timing, which
+    another process opens (`ipc_event_open`) to wait on this process's records of it."""
+    rt = runtime()
+    set_device(device)
+    flags = rt.cudaEventDisableTiming | rt.cudaEventInterprocess
+    event = _call("cudaEventCreateWithFlags", rt.cudaEventCreateWithFlags(flags))
+    try:
+        handle = _call("cudaIpcGetEventHandle", rt.cudaIpcGetEventHandle(event))
+    except CudaError:
+        rt.cudaEventDestroy(event)
+        raise
+    return event, ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
+
+
+def event_record(event: Any, stream: Any) -> None:
+    _call("cudaEventRecord", runtime().cudaEventRecord(event, stream))
+
+
+def event_synchronize(event: Any) -> None:
+    """Until the event's last record has completed (GIL released while waiting)."""
+    _call("cudaEventSynchronize", runtime().cudaEventSynchronize(event))
+
+
+def event_destroy(event: Any) -> None:
+    _call("cudaEventDestroy", runtime().cudaEventDestroy(event))
+
+
+def event_create(device: int) -> Any:
+    """A plain event on `device` without timing (to order streams within this process)."""
+    rt = runtime()
+    set_device(device)
+    return _call("cudaEventCreateWithFlags",
+                 rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming))
+
+
+def stream_wait_event(stream: Any, event: Any) -> None:
+    """Later work on `stream` waits for the event's last record (any device's)."""
+    _call("cudaStreamWaitEvent", runtime().cudaStreamWaitEvent(stream, event, 0))

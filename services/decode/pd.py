@@ -5,8 +5,10 @@ prefill node's kvd address):
 1. reserve pages for the prompt in the engine (waiting while the pool is full, at most
    SGLANG_DISAGGREGATION_WAITING_TIMEOUT);
 2. ExpectKv: kvd binds those pages to the room, bootstraps the prefill side and waits for the
-   KV and the first token (kvd enforces the waiting timeout and the heartbeats);
-3. the engine continues from the first token and streams the rest.
+   KV and the first token (kvd enforces the waiting timeout and the heartbeats); with a VRAM
+   pool the worker accepts a ready event, which kvd sends when the copy is only queued;
+3. the engine continues from the first token (its GPU work waiting on the ready event, if
+   any) and streams the rest.
 On any failure or cancellation the client gets its status at once (RoomFailed); the
 request's pages are freed only after kvd's ReleaseRoom returns, i.e. once no late write from
 the prefill side can land in them.
@@ -75,14 +77,16 @@ class DecodeServicer(GenerateServicer):
         try:
             reply = await self.pd.kvd.stub.ExpectKv(kvd_pb2.ExpectKvRequest(
                 pool_id=self.pd.pool_id, room=room, page_ids=page_ids,
-                peer_address=request.disaggregation.peer_kvd_address),
+                peer_address=request.disaggregation.peer_kvd_address,
+                accept_ready_event=self.pd.accepts_ready_event),
                 metadata=tracing.metadata_for(waiting))
             aux = reply.aux
             logprobs = (TokenLogprobs(aux.first_token_id, aux.first_logprob,
                                       list(aux.top_token_ids), list(aux.top_logprobs))
                         if params.logprobs is not None else None)
+            ready = self.pd.ready_event(reply.ready_event) if reply.ready_event else None
             await self.engine.kv_arrived(request_id, aux.first_token_id, logprobs,
-                                         aux.cached_tokens)
+                                         aux.cached_tokens, ready)
         except grpc.aio.AioRpcError as e:
             self._give_up(request_id, room)
             tracing.end_span(waiting, e)

@@ -181,12 +181,17 @@ class LLMEngine:
 
     def kv_arrived(self, request_id: str, first_token_id: int,
                    logprobs: TokenLogprobs | None = None,
-                   num_cached_tokens: int = 0) -> RequestOutput:
-        """The prompt's KV landed in the reserved pages; `first_token_id` was sampled by the
-        prefill side. Returns the first output; the request then decodes like any other."""
+                   num_cached_tokens: int = 0, ready: torch.cuda.Event | None = None
+                   ) -> RequestOutput:
+        """The prompt's KV landed in the reserved pages — or will once `ready` completes (a
+        CUDA event, e.g. kvd's IPC event after a queued copy: every later GPU step of this
+        engine waits for it); `first_token_id` was sampled by the prefill side. Returns the
+        first output; the request then decodes like any other."""
         state = self._requests[request_id]
         if not 0 <= first_token_id < self.model_config.vocab_size:
             raise EngineInputError(f"first token id {first_token_id} is out of range")
+        if ready is not None:
+            torch.cuda.current_stream(self.model.device).wait_event(ready)
         state.seq.num_cached_tokens = num_cached_tokens
         skip_one_draw(state.generator, state.seq.params, self.model_config.vocab_size,
                       self.model.device)

@@ -153,11 +153,13 @@ class EngineLoop:
 
     async def kv_arrived(self, request_id: str, first_token_id: int,
                          logprobs: TokenLogprobs | None = None,
-                         num_cached_tokens: int = 0) -> RequestOutput:
-        """The KV landed: the request starts decoding. Returns the first output, which is also
-        the first item of `remote_stream(request_id)`. KeyError if the request is unknown."""
+                         num_cached_tokens: int = 0, ready: Any = None) -> RequestOutput:
+        """The KV landed (or lands when `ready`, a torch.cuda.Event, completes): the request
+        starts decoding. Returns the first output, which is also the first item of
+        `remote_stream(request_id)`. KeyError if the request is unknown."""
         return await self._call(functools.partial(self._on_kv_arrived, request_id,
-                                                  first_token_id, logprobs, num_cached_tokens))
+                                                  first_token_id, logprobs, num_cached_tokens,
+                                                  ready))
 
     async def remote_stream(self, request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """The outputs of a request added by `add_remote_prefill` (one consumer; KeyError from
@@ -307,9 +309,10 @@ class EngineLoop:
         return page_ids
 
     def _on_kv_arrived(self, request_id: str, first_token_id: int,
-                       logprobs: TokenLogprobs | None, num_cached_tokens: int,
+                       logprobs: TokenLogprobs | None, num_cached_tokens: int, ready: Any,
                        engine: LLMEngine) -> RequestOutput:
-        output = engine.kv_arrived(request_id, first_token_id, logprobs, num_cached_tokens)
+        output = engine.kv_arrived(request_id, first_token_id, logprobs, num_cached_tokens,
+                                   ready)
         self._dispatch([output])
         return output
 

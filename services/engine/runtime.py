@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -89,6 +90,22 @@ class PDAttachment:
     pool_id: str
     peer_address: str  # the kvd's peer service: what the other side of a room dials
     mapping: IpcMapping | None = field(default=None)  # a VRAM pool's CUDA IPC mapping
+    _ready_events: dict[bytes, Any] = field(default_factory=dict)  # IPC handle -> opened event
+
+    @property
+    def accepts_ready_event(self) -> bool:
+        """A VRAM pool: kvd may answer ExpectKv with an event to wait on (see kvd.proto)."""
+        return self.mapping is not None
+
+    def ready_event(self, handle: bytes) -> Any:
+        """The torch.cuda.Event of kvd's IPC event `handle`, opened once per handle (kvd
+        reuses a bounded set of events)."""
+        event = self._ready_events.get(handle)
+        if event is None:
+            assert self.mapping is not None, "ready events come only with a VRAM pool"
+            event = torch.cuda.Event.from_ipc_handle(self.mapping.device, handle)
+            self._ready_events[handle] = event
+        return event
 
     def close(self) -> None:
         """Unmap a VRAM pool (kvd keeps it for a re-attach); the engine must be stopped.

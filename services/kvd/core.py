@@ -9,6 +9,11 @@ Contract (all on kvd's asyncio loop; blocking writes run on the transfer threads
   descriptor per run of pages adjacent on both sides, then sends TransferDone with the aux data.
 - `on_bootstrap` / `on_transfer_done`: the peer side of the two flows. A peer may only fill a
   room it was told about by the kvd it handshook with, and only the pages bound to that room.
+- Same node, GPU to GPU, when the decode worker set `accept_ready_event`: the copies are queued
+  (on the loop thread, bypassing the transfer queues), the decode side is answered at once
+  with the CUDA IPC event that completes after them, and SendKv answers the prefill side once
+  they have completed. (If a queued copy then fails, which takes a GPU fault, the decode side
+  has already been told; kvd logs it and SendKv fails.)
 Whatever happens (success, error, timeout, cancellation), each flow unpins its pages on the
 way out, so every pool's accounting returns to its baseline.
 """
@@ -17,16 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from services.common.proto.tandem.v1 import kvd_pb2
 from services.kvd.backends.base import TransferBackend, TransferError
+from services.kvd.backends.local_backend import LocalBackend, QueuedCopy
 from services.kvd.config import TransferSettings
 from services.kvd.metrics import KvdMetrics, PoolSnapshot, Snapshot, failure_reason
 from services.kvd.peers import Peer, PeerDirectory
-from services.kvd.pools import Pool, PoolLayout, PoolRegistry, check_page_ids, coalesce
+from services.kvd.pools import (
+    PageError,
+    Pool,
+    PoolLayout,
+    PoolRegistry,
+    check_page_ids,
+    coalesce,
+)
 from services.kvd.transfer import TransferJob, TransferQueues
 
 logger = logging.getLogger(__name__)
@@ -47,7 +63,10 @@ class _RecvRoom:
     pool: Pool
     page_ids: list[int]
     peer: Peer
-    done: asyncio.Future[tuple[kvd_pb2.RoomAux, int]]  # TransferDone, or the peer's death
+    done: asyncio.Future[tuple[kvd_pb2.RoomAux, int, bytes]]  # TransferDone (aux, bytes,
+    # ready event or b""), or the peer's death
+    accepts_ready_event: bool = False  # the worker waits on a ready event before reading
+    landing: asyncio.Future[None] | None = None  # a queued copy into the pages, until done
     released: asyncio.Event = field(default_factory=asyncio.Event)  # the worker gave up
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # no write can land any more
     is_bootstrapped: bool = False  # `peer` took the bootstrap: its heartbeats now count
@@ -112,12 +131,23 @@ class KvdCore:
         page_ids = list(req.page_ids)
         if req.room in self._recv:
             raise RoomError("ALREADY_EXISTS", f"room {req.room!r} is already expected here")
-        self.pools.pin(pool, req.room, page_ids, write=True)
+        try:
+            self.pools.pin(pool, req.room, page_ids, write=True)
+        except PageError:
+            # Pages of a room answered with a ready event stay pinned until its copy is done
+            # (a few ms): a worker may free and reuse them sooner. Wait for such copies once.
+            landing = [room.landing for room in self._recv.values()
+                       if room.landing is not None and not room.landing.done()]
+            if not landing:
+                raise
+            await asyncio.wait(landing)
+            self.pools.pin(pool, req.room, page_ids, write=True)
         room: _RecvRoom | None = None
         may_be_written = False  # once bootstrapped, the prefill side may write at any time
         try:
             peer = await self._peer(req.peer_address)
-            room = _RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future())
+            room = _RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future(),
+                             accepts_ready_event=req.accept_ready_event)
             self._recv[req.room] = room
             may_be_written = True
             try:
@@ -132,10 +162,10 @@ class KvdCore:
                 code = e.code().name if e.code() != grpc.StatusCode.UNKNOWN else "UNAVAILABLE"
                 raise RoomError(code, f"room {req.room!r}: prefill kvd at {req.peer_address} "
                                 f"refused the bootstrap: {e.details()}") from None
-            aux, num_bytes = await self._wait_for_kv(req, room)
+            aux, num_bytes, ready_event = await self._wait_for_kv(req, room)
             self.counters.rooms_completed += 1
             self.metrics.rooms_completed.labels("recv").inc()
-            return kvd_pb2.ExpectKvResponse(aux=aux, kv_bytes=num_bytes)
+            return kvd_pb2.ExpectKvResponse(aux=aux, kv_bytes=num_bytes, ready_event=ready_event)
         except BaseException as e:
             self.counters.rooms_failed += 1
             self.metrics.rooms_failed.labels("recv", failure_reason(e)).inc()
@@ -145,6 +175,10 @@ class KvdCore:
                 # A late write must not land in pages given to another request: keep them
                 # pinned until the prefill side reports, dies, or a waiting timeout passes.
                 asyncio.get_running_loop().create_task(self._drain(req.room, room))
+            elif room is not None and room.landing is not None and not room.landing.done():
+                # answered with a ready event: the pages stay pinned until the copy is done
+                room.landing.add_done_callback(
+                    lambda _: self._close_recv(req.room, pool, room))
             else:
                 self._close_recv(req.room, pool, room)
 
@@ -172,7 +206,7 @@ class KvdCore:
             room.peer = current
 
     async def _wait_for_kv(self, req: kvd_pb2.ExpectKvRequest,
-                           room: _RecvRoom) -> tuple[kvd_pb2.RoomAux, int]:
+                           room: _RecvRoom) -> tuple[kvd_pb2.RoomAux, int, bytes]:
         timeout = req.timeout_seconds or self.settings.waiting_timeout
         if not room.done.done() and not room.released.is_set():
             room.wakeup = asyncio.get_running_loop().create_future()
@@ -217,7 +251,8 @@ class KvdCore:
             if not room.done.done():
                 room.done.cancel()
 
-    def on_transfer_done(self, req: kvd_pb2.TransferDoneRequest) -> None:
+    def on_transfer_done(self, req: kvd_pb2.TransferDoneRequest, ready_event: bytes = b"") -> None:
+        """The prefill side's report (`ready_event`: set only in-process, by a queued copy)."""
         room = self._recv.get(req.room)
         if room is None:
             raise RoomError("NOT_FOUND", f"room {req.room!r} is not expected here")
@@ -230,7 +265,7 @@ class KvdCore:
             room.done.set_exception(RoomError("UNAVAILABLE", f"prefill side: {req.error}",
                                               "sender_failed"))
         else:
-            room.done.set_result((req.aux, req.kv_bytes))
+            room.done.set_result((req.aux, req.kv_bytes, ready_event))
         room.wake()
 
     async def heartbeat_loop(self) -> None:
@@ -382,24 +417,32 @@ class KvdCore:
         peer = await self.peers.get(known.address)
         is_local = boot.kvd_id == self.kvd_id
         done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux)
+        queued: QueuedCopy | None = None
         try:
             job, num_runs = self._job(req, pool, page_ids, boot, known)
             done.kv_bytes = job.num_bytes
+            started = time.perf_counter()
+            if is_local:
+                queued = self._queue_copy(req.room, job)
+            if queued is not None:
+                return await self._finish_queued(req, job, num_runs, done, queued, started)
             future, shard = self.queues.submit(boot.kvd_id, job)
             try:
-                seconds = await asyncio.wrap_future(future)
+                seconds = await _until_done(future)
             except TransferError as e:
                 raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}",
                                 "backend_error") from None
         except RoomError as e:
             self.metrics.transfer_failures.labels(e.reason).inc()
-            done.error = str(e)
-            await self._notify(peer, done, is_local)
+            if queued is None:  # a queued copy's decode side has its answer already
+                done.error = str(e)
+                await self._notify(peer, done, is_local)
             raise
         except asyncio.CancelledError:
             self.metrics.transfer_failures.labels("cancelled").inc()
-            done.error = f"room {req.room!r}: the prefill side gave up"
-            asyncio.get_running_loop().create_task(self._notify(peer, done, is_local))
+            if queued is None:
+                done.error = f"room {req.room!r}: the prefill side gave up"
+                asyncio.get_running_loop().create_task(self._notify(peer, done, is_local))
             raise
         try:
             await self._notify(peer, done, is_local, raise_errors=True)
@@ -411,6 +454,45 @@ class KvdCore:
         return kvd_pb2.SendKvResponse(
             kv_bytes=job.num_bytes, num_descriptors=num_runs, transfer_seconds=seconds,
             backend=job.backend.name, queue_shard=shard,
+        )
+
+    def _queue_copy(self, room: str, job: TransferJob) -> QueuedCopy | None:
+        """Queue the same-node GPU copies of a room whose decode worker accepts a ready event;
+        None when that does not apply (the transfer queues then write it)."""
+        recv = self._recv.get(room)
+        if (recv is None or not recv.accepts_ready_event
+                or not isinstance(job.backend, LocalBackend)):
+            return None
+        try:
+            return job.backend.write_async(job.peer, job.src, job.dst_addrs)
+        except TransferError as e:
+            raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
+
+    async def _finish_queued(self, req: kvd_pb2.SendKvRequest, job: TransferJob, num_runs: int,
+                             done: kvd_pb2.TransferDoneRequest, queued: QueuedCopy,
+                             started: float) -> kvd_pb2.SendKvResponse:
+        """Answer the decode side now (with the ready event), the prefill side once the copies
+        are done: until then its source pages are being read. `started`: before queueing."""
+        landing = asyncio.get_running_loop().run_in_executor(None, queued.wait)
+        self._recv[req.room].landing = landing  # _queue_copy found the room; no await since
+        try:
+            self.on_transfer_done(done, ready_event=queued.ready_event)
+        except RoomError as e:  # the decode side gave up meanwhile: the copy still runs
+            logger.warning("room %s: the decode side left before its queued copy: %s",
+                           req.room, e)
+        await asyncio.sleep(0)  # let the woken ExpectKv answer first
+        try:
+            await _until_done(landing)
+        except TransferError as e:
+            logger.error("room %s: a queued GPU copy failed after the decode side was told it "
+                         "would complete: %s", req.room, e)
+            raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}", "backend_error") from None
+        seconds = time.perf_counter() - started
+        self.counters.bytes_sent += job.num_bytes
+        self.metrics.transferred(job.backend.name, job.num_bytes, seconds)
+        return kvd_pb2.SendKvResponse(
+            kv_bytes=job.num_bytes, num_descriptors=num_runs, transfer_seconds=seconds,
+            backend=job.backend.name, queue_shard=self.queues.shard_of(self.kvd_id),
         )
 
     async def _notify(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
@@ -488,3 +570,16 @@ async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
         if raise_errors:
             raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not take "
                             f"the KV: {e.code().name}: {e.details()}", "notify_failed") from None
+
+
+async def _until_done(future: Future[float] | asyncio.Future[None]) -> Any:
+    """Await work running on a thread. Cancelled meanwhile: work not started is dropped, work
+    already running is waited for (it reads and writes the room's pages, which are unpinned
+    on the way out), then the cancellation goes on."""
+    waited = asyncio.wrap_future(future) if isinstance(future, Future) else future
+    try:
+        return await asyncio.shield(waited)
+    except asyncio.CancelledError:
+        if not (isinstance(future, Future) and future.cancel()):
+            await asyncio.wait({waited})
+        raise

@@ -101,6 +101,8 @@ def test_pages_cross_between_kvds_byte_exact(two_kvds):
 
 
 def test_same_node_rooms_copy_locally(two_kvds):
+    """Host pools: a worker that accepts a ready event still gets the KV written (events
+    are for GPU-to-GPU copies only)."""
     (_, sock_a, addr_a), _ = two_kvds
 
     async def run():
@@ -111,7 +113,8 @@ def test_same_node_rooms_copy_locally(two_kvds):
         expect = asyncio.ensure_future(
             a.ExpectKv(
                 kvd_pb2.ExpectKvRequest(
-                    pool_id=pd.pool_id, room="r", page_ids=[1, 2], peer_address=addr_a
+                    pool_id=pd.pool_id, room="r", page_ids=[1, 2], peer_address=addr_a,
+                    accept_ready_event=True,
                 )
             )
         )
@@ -120,8 +123,9 @@ def test_same_node_rooms_copy_locally(two_kvds):
                 pool_id=pp.pool_id, room="r", page_ids=[8, 9], peer_address=addr_a
             )
         )
-        await expect
+        got = await expect
         assert sent.backend == "local" and sent.num_descriptors == 1
+        assert got.ready_event == b"" and got.kv_bytes == 2 * page
         assert (vd[page : 3 * page] == 7).all() and not vd[:page].any()
 
     asyncio.run(run())

@@ -170,6 +170,7 @@ def _move(send: tuple, recv: tuple, src_gpu: int, dst_gpu: int, room: str) -> st
         got = expect.result(timeout=60)
         assert (sent.kv_bytes, sent.num_descriptors) == (10 * PAGE_BYTES, 4)
         assert (got.kv_bytes, got.aux.first_token_id) == (sent.kv_bytes, 11)
+        assert got.ready_event == b""  # not accepted: answered once the bytes are there
         src_pages_t = src.view(64, PAGE_BYTES).cpu()
         dst_pages_t = dst.view(64, PAGE_BYTES).cpu()
         for s, d in zip(src_pages, dst_pages, strict=True):
@@ -192,6 +193,67 @@ def test_local_path_moves_coalesced_runs_between_gpus(tmp_path):
         assert _move(kvd, kvd, 0, 1, "room-0to1") == "local"
         assert _move(kvd, kvd, 1, 0, "room-1to0") == "local"
     finally:
+        assert stop(kvd[0]) == 0
+
+
+def test_ready_event_orders_reads_after_the_queued_copy_and_pages_wait_for_it(tmp_path):
+    """A decode worker that accepts a ready event: kvd answers with an IPC event once the
+    GPU 0 -> GPU 1 copy is queued. A read ordered after the event sees every byte; a new room
+    on the same pages issued right after an answer is taken (kvd waits for the copy still
+    landing there instead of refusing the pages); SendKv answers after its copy; nothing
+    stays pinned."""
+    import torch
+
+    num_pages, moved = 1 << 15, 1 << 14  # 512 MiB pools; 256 MiB per room (~0.7 ms)
+    kvd = start_kvd(tmp_path, "k", "nixl")
+    _, sock, addr = kvd
+    stub = _stub(sock)
+    src_reply = _attach(stub, "prefill-ev", 0, num_pages)
+    dst_reply = _attach(stub, "decode-ev", 1, num_pages)
+    (src_map, src), (dst_map, dst) = _open(src_reply, 0), _open(dst_reply, 1)
+    src_pages, dst_pages = src.view(num_pages, PAGE_BYTES), dst.view(num_pages, PAGE_BYTES)
+
+    def room(name: str, first: int):
+        """ExpectKv (accepting an event) then SendKv of src pages [first, first + moved)
+        into dst pages [0, moved): (ExpectKv future, SendKv future)."""
+        expect = stub.ExpectKv.future(kvd_pb2.ExpectKvRequest(
+            pool_id=dst_reply.pool_id, room=name, page_ids=list(range(moved)),
+            peer_address=addr, timeout_seconds=30, accept_ready_event=True), timeout=60)
+        send = stub.SendKv.future(kvd_pb2.SendKvRequest(
+            pool_id=src_reply.pool_id, room=name, page_ids=list(range(first, first + moved)),
+            peer_address=addr, aux=kvd_pb2.RoomAux(first_token_id=3), timeout_seconds=30),
+            timeout=60)
+        return expect, send
+
+    def landed(name: str, got: kvd_pb2.ExpectKvResponse, first: int) -> bool:
+        """Whether a read on a stream of GPU 1 ordered after the ready event sees the room's
+        bytes."""
+        assert len(got.ready_event) == 64 and got.kv_bytes == moved * PAGE_BYTES, name
+        ready = torch.cuda.Event.from_ipc_handle(1, got.ready_event)
+        side = torch.cuda.Stream(1)
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            return torch.equal(dst_pages[:moved], src_pages[first:first + moved].to(1))
+
+    try:
+        src.copy_(pattern(src.numel(), 6, src.device))
+        torch.cuda.synchronize(0)
+        expect, send = room("ev-1", 0)
+        assert landed("ev-1", expect.result(timeout=60), 0), "a read saw bytes not yet there"
+        assert send.result(timeout=60).backend == "local"
+        expect2, send2 = room("ev-2", moved)
+        got2 = expect2.result(timeout=60)
+        expect3, send3 = room("ev-3", 0)  # ev-2's copy may still be landing in these pages
+        assert len(got2.ready_event) == 64
+        assert landed("ev-3", expect3.result(timeout=60), 0)
+        for sent in (send2.result(timeout=60), send3.result(timeout=60)):
+            assert sent.backend == "local" and sent.kv_bytes == moved * PAGE_BYTES
+        stats = stub.Stats(kvd_pb2.StatsRequest(), timeout=10)
+        assert all(p.pinned_pages == 0 for p in stats.pools)
+    finally:
+        del src, dst
+        src_map.close()
+        dst_map.close()
         assert stop(kvd[0]) == 0
 
 

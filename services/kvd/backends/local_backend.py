@@ -14,6 +14,15 @@ a stream of the writing thread's own, synchronized before `write` returns. On 2x
 faster than an SM copy kernel (333-347 GB/s); cutting it over four streams gained nothing
 (bench/peer_copy_gpu.py, bench/results/peer_copy-h100.json).
 
+Queued copies (`write_async`, GPU to GPU only). The copies are queued on the calling thread's
+stream of the source GPU and an interprocess CUDA event is recorded after them on a stream of
+the destination GPU (which waits for the copies); the call returns at once with a
+`QueuedCopy`: its `ready_event` (the event's IPC handle) lets another process order its own GPU
+work after the copies, and `wait()` blocks until they are done. An event goes back to the pool
+only after `wait()` saw its copies complete, so a process that waits on a handle late waits at
+worst on a later room's copy, never on pages still unwritten. kvd uses this for the same-node
+path when the decode worker accepts a ready event: its answer travels while the bytes do.
+
 Checks. Any host memory works while nothing is registered; once a region is registered every
 source and destination range must lie in a registered region, and a range that does not raises
 `TransferError` instead of faulting the process (kvd registers every local pool here). VRAM is
@@ -26,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +55,10 @@ class LocalBackend:
         self._lock = threading.Lock()  # guards the GPU set and the stream list
         self._gpus: set[int] = set()  # devices holding registered VRAM
         self._streams: list[tuple[int, Any]] = []  # (device, stream) of every writing thread
-        self._thread = threading.local()  # .streams: dict[device, stream]
+        self._thread = threading.local()  # .streams, .events: dict[device, stream / event]
+        self._events: list[_IpcEvent] = []  # every IPC event made (destroyed by close)
+        self._free_events: dict[int, list[_IpcEvent]] = {}  # device -> events whose copies ended
+        self._plain_events: list[Any] = []  # the threads' ordering events
         self._is_closed = False
 
     def register(
@@ -85,29 +98,9 @@ class LocalBackend:
         return PEER
 
     def write(self, peer: str, src: list[tuple[int, int]], dst_addrs: list[int]) -> None:
-        src_addrs, lengths, dsts = batch_arrays(src, dst_addrs)
-        if self._is_closed:
-            raise TransferError(f"local backend: write to {peer} after close")
-        if peer != PEER:
-            raise TransferError(f"local backend: unknown peer {peer!r} (connect first)")
+        src_addrs, lengths, dsts, gpu, _ = self._plan(peer, src, dst_addrs)
         if len(lengths) == 0:
             return
-        if len(self._regions):
-            src_tags = self._regions.locate(src_addrs, lengths)
-            dst_tags = self._regions.locate(dsts, lengths)
-            for what, tags, addrs in (("source", src_tags, src_addrs),
-                                      ("destination", dst_tags, dsts)):
-                bad = np.flatnonzero(tags == OUTSIDE)
-                if bad.size:
-                    i = int(bad[0])
-                    raise TransferError(
-                        f"local backend: {what} [{int(addrs[i]):#x}, +{int(lengths[i])}) of "
-                        f"descriptor {i} is outside every registered region"
-                    )
-            # the GPU that drives each copy (the source's, else the destination's), or HOST
-            gpu = np.where(src_tags != HOST, src_tags, dst_tags)
-        else:
-            gpu = np.full(len(lengths), HOST, np.int64)
         on_host = gpu == HOST
         for s, n, d in zip(src_addrs[on_host].tolist(), lengths[on_host].tolist(),
                            dsts[on_host].tolist(), strict=True):
@@ -115,6 +108,60 @@ class LocalBackend:
         if not on_host.all():
             self._copy_on_gpus(src_addrs[~on_host], lengths[~on_host], dsts[~on_host],
                                gpu[~on_host])
+
+    def write_async(self, peer: str, src: list[tuple[int, int]],
+                    dst_addrs: list[int]) -> QueuedCopy | None:
+        """Queue a GPU-to-GPU write (see the module doc); None when it is not one — some range
+        in host memory, or sources or destinations on more than one GPU: use `write`."""
+        src_addrs, lengths, dsts, src_gpu, dst_gpu = self._plan(peer, src, dst_addrs)
+        if len(lengths) == 0 or (src_gpu == HOST).any() or (dst_gpu == HOST).any():
+            return None
+        devices = (np.unique(src_gpu), np.unique(dst_gpu))
+        if len(devices[0]) != 1 or len(devices[1]) != 1:
+            return None
+        from services.common import cudart
+
+        source, dest = int(devices[0][0]), int(devices[1][0])
+        try:
+            stream = self._stream(source)
+            for s, n, d in zip(src_addrs.tolist(), lengths.tolist(), dsts.tolist(), strict=True):
+                cudart.copy_async(d, s, n, stream)
+            ready = self._take_event(dest)
+            if source != dest:
+                order = self._thread_event(source)
+                cudart.event_record(order, stream)
+                stream = self._stream(dest)
+                cudart.stream_wait_event(stream, order)
+            cudart.event_record(ready.event, stream)
+        except cudart.CudaError as e:
+            raise TransferError(f"local backend: GPU copy failed: {e}") from e
+        return QueuedCopy(self, ready)
+
+    def _plan(self, peer: str, src: list[tuple[int, int]], dst_addrs: list[int]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Checked arrays: (sources, lengths, destinations, the GPU that drives each copy or
+        HOST, each destination's GPU or HOST)."""
+        src_addrs, lengths, dsts = batch_arrays(src, dst_addrs)
+        if self._is_closed:
+            raise TransferError(f"local backend: write to {peer} after close")
+        if peer != PEER:
+            raise TransferError(f"local backend: unknown peer {peer!r} (connect first)")
+        if len(lengths) == 0 or not len(self._regions):
+            host = np.full(len(lengths), HOST, np.int64)
+            return src_addrs, lengths, dsts, host, host
+        src_tags = self._regions.locate(src_addrs, lengths)
+        dst_tags = self._regions.locate(dsts, lengths)
+        for what, tags, addrs in (("source", src_tags, src_addrs),
+                                  ("destination", dst_tags, dsts)):
+            bad = np.flatnonzero(tags == OUTSIDE)
+            if bad.size:
+                i = int(bad[0])
+                raise TransferError(
+                    f"local backend: {what} [{int(addrs[i]):#x}, +{int(lengths[i])}) of "
+                    f"descriptor {i} is outside every registered region"
+                )
+        # the GPU that drives each copy: the source's, else the destination's, else HOST
+        return src_addrs, lengths, dsts, np.where(src_tags != HOST, src_tags, dst_tags), dst_tags
 
     def _copy_on_gpus(self, src_addrs: np.ndarray, lengths: np.ndarray, dsts: np.ndarray,
                       gpus: np.ndarray) -> None:
@@ -155,14 +202,76 @@ class LocalBackend:
                 self._streams.append((device, stream))
         return stream
 
+    def _take_event(self, device: int) -> _IpcEvent:
+        with self._lock:
+            free = self._free_events.setdefault(device, [])
+            if free:
+                return free.pop(0)  # the longest idle: a late waiter least likely to see reuse
+        from services.common import cudart
+
+        event, handle = cudart.ipc_event_create(device)
+        ready = _IpcEvent(device, event, handle)
+        with self._lock:
+            self._events.append(ready)
+        return ready
+
+    def _give_back(self, ready: _IpcEvent) -> None:
+        with self._lock:
+            if not self._is_closed:
+                self._free_events.setdefault(ready.device, []).append(ready)
+
+    def _thread_event(self, device: int) -> Any:
+        """This thread's plain event on `device` (orders its streams of two GPUs)."""
+        from services.common import cudart
+
+        events: dict[int, Any] | None = getattr(self._thread, "events", None)
+        if events is None:
+            events = self._thread.events = {}
+        if device not in events:
+            events[device] = cudart.event_create(device)
+            with self._lock:
+                self._plain_events.append(events[device])
+        return events[device]
+
     def close(self) -> None:
         if self._is_closed:
             return
         self._is_closed = True
         with self._lock:
             streams, self._streams = self._streams, []
-        if streams:
+            events = [e.event for e in self._events] + self._plain_events
+            self._events, self._plain_events, self._free_events = [], [], {}
+        if streams or events:
             from services.common import cudart
 
             for _, stream in streams:
                 cudart.stream_destroy(stream)
+            for event in events:
+                cudart.event_destroy(event)
+
+
+@dataclass(slots=True)
+class _IpcEvent:
+    device: int  # the destination GPU it is recorded on
+    event: Any
+    handle: bytes  # its CUDA IPC handle
+
+
+class QueuedCopy:
+    """GPU copies queued by `LocalBackend.write_async`. `ready_event`: the IPC handle of the
+    event recorded after them. `wait()`: block until they are done (raises `TransferError`);
+    call it exactly once, which also returns the event to the backend's pool."""
+
+    def __init__(self, backend: LocalBackend, ready: _IpcEvent) -> None:
+        self._backend = backend
+        self._ready = ready
+        self.ready_event = ready.handle
+
+    def wait(self) -> None:
+        from services.common import cudart
+
+        try:
+            cudart.event_synchronize(self._ready.event)
+        except cudart.CudaError as e:
+            raise TransferError(f"local backend: GPU copy failed: {e}") from e
+        self._backend._give_back(self._ready)

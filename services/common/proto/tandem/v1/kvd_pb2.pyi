@@ -73,26 +73,30 @@ class RoomAux(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ExpectKvRequest(_message.Message):
-    __slots__ = ("pool_id", "room", "page_ids", "peer_address", "timeout_seconds")
+    __slots__ = ("pool_id", "room", "page_ids", "peer_address", "timeout_seconds", "accept_ready_event")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     ROOM_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_READY_EVENT_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     room: str
     page_ids: _containers.RepeatedScalarFieldContainer[int]
     peer_address: str
     timeout_seconds: float
-    def __init__(self, pool_id: _Optional[str] = ..., room: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., peer_address: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+    accept_ready_event: bool
+    def __init__(self, pool_id: _Optional[str] = ..., room: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., peer_address: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., accept_ready_event: _Optional[bool] = ...) -> None: ...
 
 class ExpectKvResponse(_message.Message):
-    __slots__ = ("aux", "kv_bytes")
+    __slots__ = ("aux", "kv_bytes", "ready_event")
     AUX_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    READY_EVENT_FIELD_NUMBER: _ClassVar[int]
     aux: RoomAux
     kv_bytes: int
-    def __init__(self, aux: _Optional[_Union[RoomAux, _Mapping]] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    ready_event: bytes
+    def __init__(self, aux: _Optional[_Union[RoomAux, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., ready_event: _Optional[bytes] = ...) -> None: ...
 
 class AwaitBootstrapRequest(_message.Message):
     __slots__ = ("room", "timeout_seconds")
