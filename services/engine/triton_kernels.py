@@ -60,6 +60,20 @@ def _load_kv(Pool, Table, pos, valid, kvh, k_off, v_off, rows_per_page, d, d_mas
 
 
 @triton.jit
+def _online_softmax_step(qk, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One block of flash attention's online softmax: fold scores `qk` [rows, BLOCK_N] (log2
+    units, -inf where masked) and values `v` [BLOCK_N, DIM_PAD] into the running max `m_i`,
+    sum `l_i` and output `acc`. A row with nothing unmasked yet keeps m_i = -inf, l_i = 0."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_partial_kernel(
     Q, QRows, Pool, PageTable, KvLens, PartialOut, PartialLse,
     stride_q, stride_pt, k_off, v_off, rows_per_page, qk_scale, window, num_splits,
@@ -101,12 +115,7 @@ def decode_partial_kernel(
                         rows_per_page, d, d_mask, KV_HEADS, HEAD_DIM, PAGE_SIZE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(qk, v, m_i, l_i, acc, PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -186,13 +195,7 @@ def extend_kernel(
             allowed = (pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
             allowed = allowed & ((window <= 0) | (q_pos[:, None] - pos[None, :] < window))
             qk = tl.where(allowed, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-            p = tl.exp2(qk - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(qk, v, m_i, l_i, acc, PRECISION)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(Out + (q_start + m)[:, None] * stride_out + h * HEAD_DIM + d[None, :],
