@@ -11,6 +11,7 @@ Each is the median of timed repetitions after warm-ups, timed with CUDA events.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import subprocess
@@ -43,10 +44,18 @@ def gpu_machine(device: torch.device) -> dict[str, object]:
             capture_output=True, text=True, timeout=20, check=True).stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
+    cpu = None
+    try:  # the host CPU matters to eager baselines such as transformers' generate
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), None)
+    except OSError:
+        pass
     return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
             "sms": props.multi_processor_count, "gpus_visible": torch.cuda.device_count(),
             "driver": driver, "cuda": torch.version.cuda, "torch": torch.__version__,
-            "python": platform.python_version(), "node": platform.node()}
+            "python": platform.python_version(), "node": platform.node(), "cpu": cpu,
+            "cpu_cores": os.cpu_count()}
 
 
 def copy_bandwidth(device: torch.device, gib: int = 4) -> float:
