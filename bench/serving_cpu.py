@@ -36,7 +36,7 @@ import grpc
 import httpx
 
 from bench.procs import free_port, start, stop, wait_grpc, wait_http
-from services.bench.report import machine_info
+from services.bench.report import machine_info, percentile
 from services.common.proto.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway.router import with_room
 
@@ -197,9 +197,7 @@ def gateway_overhead(d: Deployment, pd: bool, samples: int) -> dict:
 
 def _overhead_stats(via_gateway: list[float], direct: list[float],
                     via_httpx: list[float]) -> dict:
-    def q(values: list[float], p: float) -> float:
-        values = sorted(values)
-        return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+    q = percentile  # the same percentile as every `tandem bench` report
     g50, g99, d50, d99 = (q(via_gateway, 50), q(via_gateway, 99), q(direct, 50), q(direct, 99))
     return {"samples": len(direct),
             "gateway_ms": {"p50": g50 * 1e3, "p99": g99 * 1e3,
