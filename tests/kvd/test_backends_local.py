@@ -45,6 +45,19 @@ def test_local_write_copies_each_descriptor_and_nothing_else():
     np.testing.assert_array_equal(dst, expected)
 
 
+def test_write_async_declines_host_memory_and_checks_like_write():
+    """Queued copies are GPU to GPU only: for host pools write_async returns None (the caller
+    then uses write) and moves nothing; bad ranges and peers are refused the same way."""
+    backend, peer, (src, dst) = _make_local(64 * KIB, 64 * KIB)
+    before = dst.copy()
+    assert backend.write_async(peer, [(src.ctypes.data, 4 * KIB)], [dst.ctypes.data]) is None
+    assert np.array_equal(dst, before)
+    with pytest.raises(TransferError, match="outside every registered region"):
+        backend.write_async(peer, [(src.ctypes.data, 4 * KIB)], [dst.ctypes.data + 63 * KIB])
+    with pytest.raises(TransferError, match="unknown peer"):
+        backend.write_async("nobody", [(src.ctypes.data, 4 * KIB)], [dst.ctypes.data])
+
+
 def test_local_write_outside_registered_memory_raises_and_copies_nothing():
     backend, peer, (src, dst) = _make_local(4 * KIB, 4 * KIB)
     before = dst.copy()

@@ -122,11 +122,12 @@ class LocalBackend:
         from services.common import cudart
 
         source, dest = int(devices[0][0]), int(devices[1][0])
+        copying = self._stream(source)
         try:
-            stream = self._stream(source)
             for s, n, d in zip(src_addrs.tolist(), lengths.tolist(), dsts.tolist(), strict=True):
-                cudart.copy_async(d, s, n, stream)
+                cudart.copy_async(d, s, n, copying)
             ready = self._take_event(dest)
+            stream = copying
             if source != dest:
                 order = self._thread_event(source)
                 cudart.event_record(order, stream)
@@ -134,6 +135,10 @@ class LocalBackend:
                 cudart.stream_wait_event(stream, order)
             cudart.event_record(ready.event, stream)
         except cudart.CudaError as e:
+            try:  # the caller frees the pages on this error: nothing may still be copying
+                cudart.stream_synchronize(copying)
+            except cudart.CudaError:
+                pass
             raise TransferError(f"local backend: GPU copy failed: {e}") from e
         return QueuedCopy(self, ready)
 
