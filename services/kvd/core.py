@@ -23,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
@@ -43,7 +41,7 @@ from services.kvd.pools import (
     check_page_ids,
     coalesce,
 )
-from services.kvd.transfer import TransferJob, TransferQueues
+from services.kvd.transfer import TransferJob, TransferQueues, until_done
 
 logger = logging.getLogger(__name__)
 
@@ -428,7 +426,7 @@ class KvdCore:
                 return await self._finish_queued(req, job, num_runs, done, queued, started)
             future, shard = self.queues.submit(boot.kvd_id, job)
             try:
-                seconds = await _until_done(future)
+                seconds = await until_done(future)
             except TransferError as e:
                 raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}",
                                 "backend_error") from None
@@ -482,7 +480,7 @@ class KvdCore:
                            req.room, e)
         await asyncio.sleep(0)  # let the woken ExpectKv answer first
         try:
-            await _until_done(landing)
+            await until_done(landing)
         except TransferError as e:
             logger.error("room %s: a queued GPU copy failed after the decode side was told it "
                          "would complete: %s", req.room, e)
@@ -570,16 +568,3 @@ async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
         if raise_errors:
             raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not take "
                             f"the KV: {e.code().name}: {e.details()}", "notify_failed") from None
-
-
-async def _until_done(future: Future[float] | asyncio.Future[None]) -> Any:
-    """Await work running on a thread. Cancelled meanwhile: work not started is dropped, work
-    already running is waited for (it reads and writes the room's pages, which are unpinned
-    on the way out), then the cancellation goes on."""
-    waited = asyncio.wrap_future(future) if isinstance(future, Future) else future
-    try:
-        return await asyncio.shield(waited)
-    except asyncio.CancelledError:
-        if not (isinstance(future, Future) and future.cancel()):
-            await asyncio.wait({waited})
-        raise

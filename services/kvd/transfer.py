@@ -6,14 +6,18 @@ bandwidth, and those to one node keep their order) and returns a concurrent futu
 the seconds the write took, or raising `TransferError`. With `SGLANG_DISAGGREGATION_QUEUE_SIZE=1`
 every job goes through one queue, first come first served. The threads of
 `SGLANG_DISAGGREGATION_THREAD_POOL_SIZE` are split evenly across the queues (at least one each).
+`until_done(future)` awaits such a future (or an asyncio one) from the event loop; a
+cancellation drops a job not yet started but waits for one already running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from services.kvd.backends.base import TransferBackend
 
@@ -53,3 +57,16 @@ class TransferQueues:
     def shutdown(self) -> None:
         for shard in self._shards:
             shard.shutdown(wait=False, cancel_futures=True)
+
+
+async def until_done(future: Future[Any] | asyncio.Future[Any]) -> Any:
+    """Await work running on a thread. Cancelled meanwhile: work not started is dropped, work
+    already running is waited for (a write reads and writes a room's pages, which the caller
+    unpins on its way out), then the cancellation goes on."""
+    waited = asyncio.wrap_future(future) if isinstance(future, Future) else future
+    try:
+        return await asyncio.shield(waited)
+    except asyncio.CancelledError:
+        if not (isinstance(future, Future) and future.cancel()):
+            await asyncio.wait({waited})
+        raise
