@@ -475,8 +475,8 @@ class KvdCore:
         self._recv[req.room].landing = landing  # _queue_copy found the room; no await since
         try:
             self.on_transfer_done(done, ready_event=queued.ready_event)
-        except RoomError as e:  # the decode side gave up meanwhile: the copy still runs
-            logger.warning("room %s: the decode side left before its queued copy: %s",
+        except RoomError as e:  # not expected: the room was found just above, no await since
+            logger.warning("room %s: the decode side did not take its queued copy: %s",
                            req.room, e)
         await asyncio.sleep(0)  # let the woken ExpectKv answer first
         try:
