@@ -52,7 +52,7 @@ class LocalBackend:
 
     def __init__(self) -> None:
         self._regions = RegionTable()
-        self._lock = threading.Lock()  # guards the GPU set and the stream list
+        self._lock = threading.Lock()  # guards the GPU set, the stream and event lists
         self._gpus: set[int] = set()  # devices holding registered VRAM
         self._streams: list[tuple[int, Any]] = []  # (device, stream) of every writing thread
         self._thread = threading.local()  # .streams, .events: dict[device, stream / event]
