@@ -196,15 +196,13 @@ def driver_version() -> str:
 
 def ipc_event_create(device: int) -> tuple[Any, bytes]:
     """(event, its CUDA IPC handle) on `device`: an interprocess event without timing, which
-    another process opens (`ipc_event_open`) to wait on this process's records of it."""
-    rt = runtime()
-    set_device(device)
-    flags = rt.cudaEventDisableTiming | rt.cudaEventInterprocess
-    event = _call("cudaEventCreateWithFlags", rt.cudaEventCreateWithFlags(flags))
+    another process opens (cudaIpcOpenEventHandle; torch.cuda.Event.from_ipc_handle) to wait
+    on this process's records of it."""
+    event = event_create(device, interprocess=True)
     try:
-        handle = _call("cudaIpcGetEventHandle", rt.cudaIpcGetEventHandle(event))
+        handle = _call("cudaIpcGetEventHandle", runtime().cudaIpcGetEventHandle(event))
     except CudaError:
-        rt.cudaEventDestroy(event)
+        runtime().cudaEventDestroy(event)
         raise
     return event, ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
 
@@ -222,12 +220,13 @@ def event_destroy(event: Any) -> None:
     _call("cudaEventDestroy", runtime().cudaEventDestroy(event))
 
 
-def event_create(device: int) -> Any:
-    """A plain event on `device` without timing (to order streams within this process)."""
+def event_create(device: int, interprocess: bool = False) -> Any:
+    """An event on `device` without timing (to order streams; `interprocess`: also another
+    process's, see `ipc_event_create`)."""
     rt = runtime()
     set_device(device)
-    return _call("cudaEventCreateWithFlags",
-                 rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming))
+    flags = rt.cudaEventDisableTiming | (rt.cudaEventInterprocess if interprocess else 0)
+    return _call("cudaEventCreateWithFlags", rt.cudaEventCreateWithFlags(flags))
 
 
 def stream_wait_event(stream: Any, event: Any) -> None:
