@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.procs import free_port
+
 SETTINGS = {"default": None,
             "no_event_engine": "-event_engine_client,-event_engine_listener,"
                                "-event_engine_callback_cq"}
@@ -105,7 +107,7 @@ def main() -> int:
         s: {"unix": [], "tcp": []} for s in SETTINGS}
     for rnd in range(args.rounds):
         for setting in SETTINGS:
-            port = 41000 + (os.getpid() + rnd) % 2000
+            port = free_port()
             for transport, address in (("unix", f"unix:{tmp}/{setting}-{rnd}.sock"),
                                        ("tcp", f"127.0.0.1:{port}")):
                 samples[setting][transport].append(measure(setting, address, args.calls))
