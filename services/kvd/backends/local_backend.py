@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,7 @@ class LocalBackend:
         self._regions = RegionTable()
         self._lock = threading.Lock()  # guards the GPU set, the stream and event lists
         self._gpus: set[int] = set()  # devices holding registered VRAM
-        self._streams: list[tuple[int, Any]] = []  # (device, stream) of every writing thread
+        self._streams: list[Any] = []  # every writing thread's streams (destroyed by close)
         self._thread = threading.local()  # .streams, .events: dict[device, stream / event]
         self._events: list[_IpcEvent] = []  # every IPC event made (destroyed by close)
         self._free_events: dict[int, list[_IpcEvent]] = {}  # device -> events whose copies ended
@@ -194,18 +195,11 @@ class LocalBackend:
                 raise TransferError(f"local backend: GPU copy failed: {'; '.join(errors)}")
 
     def _stream(self, device: int) -> Any:
+        """This thread's stream on `device`, which becomes the thread's current device."""
         from services.common import cudart
 
         cudart.set_device(device)
-        streams: dict[int, Any] | None = getattr(self._thread, "streams", None)
-        if streams is None:
-            streams = self._thread.streams = {}
-        stream = streams.get(device)
-        if stream is None:
-            stream = streams[device] = cudart.stream_create(device)
-            with self._lock:
-                self._streams.append((device, stream))
-        return stream
+        return self._thread_own("streams", device, cudart.stream_create, self._streams)
 
     def _take_event(self, device: int) -> _IpcEvent:
         with self._lock:
@@ -229,14 +223,21 @@ class LocalBackend:
         """This thread's plain event on `device` (orders its streams of two GPUs)."""
         from services.common import cudart
 
-        events: dict[int, Any] | None = getattr(self._thread, "events", None)
-        if events is None:
-            events = self._thread.events = {}
-        if device not in events:
-            events[device] = cudart.event_create(device)
+        return self._thread_own("events", device, cudart.event_create, self._plain_events)
+
+    def _thread_own(self, kind: str, device: int, make: Callable[[int], Any],
+                    made: list[Any]) -> Any:
+        """The calling thread's `kind` ("streams" / "events") on `device`, made on first use
+        and listed in `made` for `close`."""
+        own: dict[int, Any] | None = getattr(self._thread, kind, None)
+        if own is None:
+            own = {}
+            setattr(self._thread, kind, own)
+        if device not in own:
+            own[device] = make(device)
             with self._lock:
-                self._plain_events.append(events[device])
-        return events[device]
+                made.append(own[device])
+        return own[device]
 
     def close(self) -> None:
         if self._is_closed:
@@ -249,7 +250,7 @@ class LocalBackend:
         if streams or events:
             from services.common import cudart
 
-            for _, stream in streams:
+            for stream in streams:
                 cudart.stream_destroy(stream)
             for event in events:
                 cudart.event_destroy(event)
