@@ -121,14 +121,20 @@ def ipc_handle(device: int, ptr: int) -> bytes:
 
 def ipc_open(device: int, handle: bytes) -> int:
     """Map another process's allocation into this one, on `device`; close with `ipc_close`."""
-    if len(handle) != IPC_HANDLE_BYTES:
-        raise ValueError(f"a CUDA IPC handle has {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
     rt = runtime()
-    set_device(device)
-    native = rt.cudaIpcMemHandle_t()
-    ctypes.memmove(native.getPtr(), handle, IPC_HANDLE_BYTES)
+    native = _native_handle(rt.cudaIpcMemHandle_t, handle, device)
     return int(_call("cudaIpcOpenMemHandle",
                      rt.cudaIpcOpenMemHandle(native, rt.cudaIpcMemLazyEnablePeerAccess)))
+
+
+def _native_handle(kind: Any, handle: bytes, device: int) -> Any:
+    """`handle`'s bytes as CUDA's handle struct `kind`, with `device` made current."""
+    if len(handle) != IPC_HANDLE_BYTES:
+        raise ValueError(f"a CUDA IPC handle has {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
+    set_device(device)
+    native = kind()
+    ctypes.memmove(native.getPtr(), handle, IPC_HANDLE_BYTES)
+    return native
 
 
 def ipc_close(device: int, ptr: int) -> None:
@@ -207,6 +213,14 @@ def ipc_event_create(device: int) -> tuple[Any, bytes]:
     return event, ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
 
 
+def ipc_event_open(device: int, handle: bytes) -> Any:
+    """Open another process's interprocess event (its `ipc_event_create` handle) on `device`,
+    the GPU it was made on; destroy it with `event_destroy` (the other process's stays)."""
+    rt = runtime()
+    native = _native_handle(rt.cudaIpcEventHandle_t, handle, device)
+    return _call("cudaIpcOpenEventHandle", rt.cudaIpcOpenEventHandle(native))
+
+
 def event_record(event: Any, stream: Any) -> None:
     _call("cudaEventRecord", runtime().cudaEventRecord(event, stream))
 
@@ -220,13 +234,22 @@ def event_destroy(event: Any) -> None:
     _call("cudaEventDestroy", runtime().cudaEventDestroy(event))
 
 
-def event_create(device: int, interprocess: bool = False) -> Any:
-    """An event on `device` without timing (to order streams; `interprocess`: also another
-    process's, see `ipc_event_create`)."""
+def event_create(device: int, interprocess: bool = False, timing: bool = False) -> Any:
+    """An event on `device`: without timing (to order streams; `interprocess`: also another
+    process's, see `ipc_event_create`), or with `timing` (for `event_elapsed_seconds`)."""
     rt = runtime()
     set_device(device)
-    flags = rt.cudaEventDisableTiming | (rt.cudaEventInterprocess if interprocess else 0)
+    if timing:
+        assert not interprocess, "CUDA's interprocess events cannot time"
+        flags = rt.cudaEventDefault
+    else:
+        flags = rt.cudaEventDisableTiming | (rt.cudaEventInterprocess if interprocess else 0)
     return _call("cudaEventCreateWithFlags", rt.cudaEventCreateWithFlags(flags))
+
+
+def event_elapsed_seconds(start: Any, end: Any) -> float:
+    """GPU time between two completed records of timing events of one device."""
+    return float(_call("cudaEventElapsedTime", runtime().cudaEventElapsedTime(start, end))) / 1e3
 
 
 def stream_wait_event(stream: Any, event: Any) -> None:

@@ -1,9 +1,11 @@
 """One exception interceptor for every Tandem gRPC server.
 
 Contract: handlers map the failures they expect to status codes themselves (and abort); any
-other exception escaping a unary or server-streaming handler is logged with its traceback and
-answered INTERNAL with a one-line message, never left to gRPC's UNKNOWN. A request whose bytes
-do not parse as the method's message is answered INVALID_ARGUMENT before any handler runs.
+other exception escaping a unary, server-streaming or client-streaming handler is logged with its
+traceback and answered INTERNAL with a one-line message, never left to gRPC's UNKNOWN. A request
+whose bytes do not parse as the method's message is answered INVALID_ARGUMENT before any handler
+runs; in a client stream, iterating over such a message raises `MalformedRequest` (a
+ValueError) in the handler, and one the handler lets escape is answered INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -39,12 +41,21 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                 _guard_unary(handler.unary_unary, method),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
+        if inspect.iscoroutinefunction(handler.stream_unary):
+            return grpc.stream_unary_rpc_method_handler(
+                _guard_client_stream(handler.stream_unary, method),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer)
         if inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 _guard_stream(handler.unary_stream, method),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         return handler
+
+
+class MalformedRequest(ValueError):
+    """A message of a client stream did not parse as the method's message."""
 
 
 class _Malformed:
@@ -99,6 +110,26 @@ def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., An
             async with contextlib.aclosing(behavior(request, context)) as responses:
                 async for response in responses:
                     yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            await _answer_internal(context, method)
+
+    return guarded
+
+
+def _guard_client_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async def parsed() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Malformed):
+                    raise MalformedRequest(f"{method}: malformed request: {request.error}")
+                yield request
+
+        try:
+            return await behavior(parsed(), context)
+        except MalformedRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:

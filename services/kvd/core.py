@@ -9,11 +9,16 @@ Contract (all on kvd's asyncio loop; blocking writes run on the transfer threads
   descriptor per run of pages adjacent on both sides, then sends TransferDone with the aux data.
 - `on_bootstrap` / `on_transfer_done`: the peer side of the two flows. A peer may only fill a
   room it was told about by the kvd it handshook with, and only the pages bound to that room.
+- Sent ahead (`send_kv(req, aux=future)`, SendKvAhead): the aux data (first token) comes
+  later; the transfer starts at once and the decode side is told only once the aux is there
+  too (at most a waiting timeout; a send whose aux never comes fails the room on both sides).
+  A `source_ready_event` (VRAM pools only) orders the reads after the prefill's forward pass:
+  the same-node copy's stream waits on it, a transfer thread waits for it before writing.
 - Same node, GPU to GPU, when the decode worker set `accept_ready_event`: the copies are queued
   (on the loop thread, bypassing the transfer queues), the decode side is answered at once
-  with the CUDA IPC event that completes after them, and SendKv answers the prefill side once
-  they have completed. (If a queued copy then fails, which takes a GPU fault, the decode side
-  has already been told; kvd logs it and SendKv fails.)
+  (once the aux is known) with the CUDA IPC event that completes after them, and SendKv
+  answers the prefill side once they have completed. (If a queued copy then fails, which takes
+  a GPU fault, the decode side has already been told; kvd logs it and SendKv fails.)
 Whatever happens (success, error, timeout, cancellation), each flow unpins its pages on the
 way out, so every pool's accounting returns to its baseline.
 """
@@ -21,9 +26,10 @@ way out, so every pool's accounting returns to its baseline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -41,6 +47,7 @@ from services.kvd.pools import (
     check_page_ids,
     coalesce,
 )
+from services.kvd.source_events import SourceEvents
 from services.kvd.transfer import TransferJob, TransferQueues, until_done
 
 logger = logging.getLogger(__name__)
@@ -112,6 +119,7 @@ class KvdCore:
         self._known: dict[str, _KnownPeer] = {}  # kvd id -> how to write to it
         self._cancelled: set[str] = set()  # rooms the decode side gave up: sends refuse them
         self._pushing: dict[str, asyncio.Event] = {}  # room -> set when its write has ended
+        self.source_events = SourceEvents()  # prefill workers' events, opened here
 
     @property
     def num_open_rooms(self) -> int:
@@ -237,7 +245,12 @@ class KvdCore:
             pass
         finally:
             cancel.cancel()
-            self._close_recv(name, room.pool, room)
+            if room.landing is not None and not room.landing.done():
+                # told after the drain began (a send ahead whose aux came late): the pages stay
+                # pinned until its queued copy is done
+                room.landing.add_done_callback(lambda _: self._close_recv(name, room.pool, room))
+            else:
+                self._close_recv(name, room.pool, room)
 
     def _close_recv(self, name: str, pool: Pool, room: _RecvRoom | None) -> None:
         if room is not None and self._recv.get(name) is room:
@@ -375,9 +388,14 @@ class KvdCore:
             self.counters.awaiting_bootstrap -= 1
         return kvd_pb2.AwaitBootstrapResponse(num_pages=len(boot.page_ids))
 
-    async def send_kv(self, req: kvd_pb2.SendKvRequest) -> kvd_pb2.SendKvResponse:
+    async def send_kv(self, req: kvd_pb2.SendKvRequest,
+                      aux: asyncio.Future[kvd_pb2.RoomAux] | None = None
+                      ) -> kvd_pb2.SendKvResponse:
+        """`aux`: the room's aux data arrives later through this future (SendKvAhead; a
+        RoomError set on it fails the room), instead of in `req.aux`."""
         pool = self._pool(req.pool_id)
         page_ids = list(req.page_ids)
+        source = self._source_event(req, pool)
         self.pools.pin(pool, req.room, page_ids, write=False)
         self.counters.open_sends += 1
         future = self._boot_future(req.room)
@@ -389,7 +407,7 @@ class KvdCore:
                 raise RoomError("ABORTED", f"room {req.room!r}: the decode side released it "
                                 "before its KV was sent")
             pushing = self._pushing[req.room] = asyncio.Event()  # no await since the check
-            response = await self._push(req, pool, page_ids, boot)
+            response = await self._push(req, pool, page_ids, boot, source, aux)
             self.counters.rooms_completed += 1
             self.metrics.rooms_completed.labels("send").inc()
             return response
@@ -407,46 +425,62 @@ class KvdCore:
                 del self._bootstraps[req.room]
             self.pools.unpin(pool, req.room)
 
+    def _source_event(self, req: kvd_pb2.SendKvRequest, pool: Pool) -> Any:
+        """The opened `source_ready_event`, or None when the request has none."""
+        if not req.source_ready_event:
+            return None
+        if pool.memory.device is None:
+            raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: source_ready_event names a "
+                            f"CUDA event, but pool {pool.pool_id} is in host memory")
+        try:
+            return self.source_events.open(req.source_ready_event, pool.memory.device)
+        except ValueError as e:
+            raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: {e}") from None
+
     async def _push(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
-                    boot: kvd_pb2.BootstrapRequest) -> kvd_pb2.SendKvResponse:
+                    boot: kvd_pb2.BootstrapRequest, source: Any,
+                    aux: asyncio.Future[kvd_pb2.RoomAux] | None) -> kvd_pb2.SendKvResponse:
         """Write the room's KV and report to the decode side — an error too, so that it
         fails (and frees its pages) at once instead of waiting out its timeout."""
         known = self._known[boot.kvd_id]
         peer = await self.peers.get(known.address)
         is_local = boot.kvd_id == self.kvd_id
         done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux)
-        queued: QueuedCopy | None = None
+        told = False  # the decode side has its answer already (a queued copy's ready event)
         try:
-            job, num_runs = self._job(req, pool, page_ids, boot, known)
+            job, num_runs = self._job(req, pool, page_ids, boot, known, source)
             done.kv_bytes = job.num_bytes
-            started = time.perf_counter()
-            if is_local:
-                queued = self._queue_copy(req.room, job)
+            queued = self._queue_copy(req.room, job, source) if is_local else None
             if queued is not None:
-                return await self._finish_queued(req, job, num_runs, done, queued, started)
-            future, shard = self.queues.submit(boot.kvd_id, job)
-            try:
-                seconds = await until_done(future)
-            except TransferError as e:
-                raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}",
-                                "backend_error") from None
+                seconds, told = await self._finish_queued(req.room, done, queued, aux)
+                shard = self.queues.shard_of(self.kvd_id)
+            else:
+                future, shard = self.queues.submit(boot.kvd_id, job)
+                try:
+                    seconds = await until_done(future)
+                except TransferError as e:
+                    raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}",
+                                    "backend_error") from None
+                if aux is not None:
+                    done.aux.CopyFrom(await self._await_aux(req.room, aux))
         except RoomError as e:
             self.metrics.transfer_failures.labels(e.reason).inc()
-            if queued is None:  # a queued copy's decode side has its answer already
+            if not told:
                 done.error = str(e)
                 await self._notify(peer, done, is_local)
             raise
         except asyncio.CancelledError:
             self.metrics.transfer_failures.labels("cancelled").inc()
-            if queued is None:
+            if not told:
                 done.error = f"room {req.room!r}: the prefill side gave up"
                 asyncio.get_running_loop().create_task(self._notify(peer, done, is_local))
             raise
-        try:
-            await self._notify(peer, done, is_local, raise_errors=True)
-        except RoomError as e:
-            self.metrics.transfer_failures.labels(e.reason).inc()
-            raise
+        if not told:
+            try:
+                await self._notify(peer, done, is_local, raise_errors=True)
+            except RoomError as e:
+                self.metrics.transfer_failures.labels(e.reason).inc()
+                raise
         self.counters.bytes_sent += job.num_bytes
         self.metrics.transferred(job.backend.name, job.num_bytes, seconds)
         return kvd_pb2.SendKvResponse(
@@ -454,7 +488,16 @@ class KvdCore:
             backend=job.backend.name, queue_shard=shard,
         )
 
-    def _queue_copy(self, room: str, job: TransferJob) -> QueuedCopy | None:
+    async def _await_aux(self, room: str, aux: asyncio.Future[kvd_pb2.RoomAux]
+                         ) -> kvd_pb2.RoomAux:
+        timeout = self.settings.waiting_timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(aux), timeout)
+        except TimeoutError:
+            raise RoomError("DEADLINE_EXCEEDED", f"room {room!r}: the prefill worker sent no "
+                            f"first token within {timeout:g}s of its KV", "timeout") from None
+
+    def _queue_copy(self, room: str, job: TransferJob, source: Any) -> QueuedCopy | None:
         """Queue the same-node GPU copies of a room whose decode worker accepts a ready event;
         None when that does not apply (the transfer queues then write it)."""
         recv = self._recv.get(room)
@@ -462,36 +505,40 @@ class KvdCore:
                 or not isinstance(job.backend, LocalBackend)):
             return None
         try:
-            return job.backend.write_async(job.peer, job.src, job.dst_addrs)
+            return job.backend.write_async(job.peer, job.src, job.dst_addrs, after=source)
         except TransferError as e:
             raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
 
-    async def _finish_queued(self, req: kvd_pb2.SendKvRequest, job: TransferJob, num_runs: int,
-                             done: kvd_pb2.TransferDoneRequest, queued: QueuedCopy,
-                             started: float) -> kvd_pb2.SendKvResponse:
-        """Answer the decode side now (with the ready event), the prefill side once the copies
-        are done: until then its source pages are being read. `started`: before queueing."""
+    async def _finish_queued(self, room: str, done: kvd_pb2.TransferDoneRequest,
+                             queued: QueuedCopy, aux: asyncio.Future[kvd_pb2.RoomAux] | None
+                             ) -> tuple[float, bool]:
+        """Answer the decode side as soon as the aux data is known (with the ready event), the
+        prefill side once the copies are done: until then its source pages are being read.
+        Returns (the copies' GPU seconds, whether the decode side was answered). On any error
+        the copies are waited for before it propagates."""
         landing = asyncio.get_running_loop().run_in_executor(None, queued.wait)
-        self._recv[req.room].landing = landing  # _queue_copy found the room; no await since
+        self._recv[room].landing = landing  # _queue_copy found the room; no await since
+        told = False
         try:
-            self.on_transfer_done(done, ready_event=queued.ready_event)
-        except RoomError as e:  # not expected: the room was found just above, no await since
-            logger.warning("room %s: the decode side did not take its queued copy: %s",
-                           req.room, e)
-        await asyncio.sleep(0)  # let the woken ExpectKv answer first
-        try:
-            await until_done(landing)
+            if aux is not None:
+                done.aux.CopyFrom(await self._await_aux(room, aux))
+            try:
+                self.on_transfer_done(done, ready_event=queued.ready_event)
+                told = True
+            except RoomError as e:  # the decode side gave up while the aux was awaited
+                raise RoomError("ABORTED", f"room {room!r}: the decode side did not take its "
+                                f"KV: {e}", "notify_failed") from None
+            await asyncio.sleep(0)  # let the woken ExpectKv answer first
+            seconds = await until_done(landing)
         except TransferError as e:
             logger.error("room %s: a queued GPU copy failed after the decode side was told it "
-                         "would complete: %s", req.room, e)
-            raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}", "backend_error") from None
-        seconds = time.perf_counter() - started
-        self.counters.bytes_sent += job.num_bytes
-        self.metrics.transferred(job.backend.name, job.num_bytes, seconds)
-        return kvd_pb2.SendKvResponse(
-            kv_bytes=job.num_bytes, num_descriptors=num_runs, transfer_seconds=seconds,
-            backend=job.backend.name, queue_shard=self.queues.shard_of(self.kvd_id),
-        )
+                         "would complete: %s", room, e)
+            raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
+        except BaseException:
+            if not landing.done():  # the source pages are read until the copies are done
+                await asyncio.wait({landing})
+            raise
+        return seconds, told
 
     async def _notify(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
                       raise_errors: bool = False) -> None:
@@ -513,7 +560,8 @@ class KvdCore:
         await asyncio.sleep(0)
 
     def _job(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
-             boot: kvd_pb2.BootstrapRequest, known: _KnownPeer) -> tuple[TransferJob, int]:
+             boot: kvd_pb2.BootstrapRequest, known: _KnownPeer,
+             source: Any) -> tuple[TransferJob, int]:
         why = pool.layout.mismatch(PoolLayout.from_proto(boot.layout))
         if why:
             raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: KV layouts differ: {why}",
@@ -529,6 +577,8 @@ class KvdCore:
             backend, known.handle,
             [(pool.page_addr(s), n * page_bytes) for s, _, n in runs],
             [boot.pool_base_addr + d * page_bytes for _, d, n in runs],
+            wait_source=(functools.partial(_wait_for_event, source)
+                         if source is not None else None),
         )
         return job, len(runs)
 
@@ -568,3 +618,13 @@ async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
         if raise_errors:
             raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not take "
                             f"the KV: {e.code().name}: {e.details()}", "notify_failed") from None
+
+
+def _wait_for_event(event: Any) -> None:
+    """On a transfer thread: until the source pages are complete (TransferError if not)."""
+    from services.common import cudart
+
+    try:
+        cudart.event_synchronize(event)
+    except cudart.CudaError as e:
+        raise TransferError(f"waiting for the prefill's source_ready_event failed: {e}") from e

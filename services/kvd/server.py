@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -121,6 +121,33 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
                 span.set_attributes(tracing.kv_transfer_attributes(response,
                                                                    len(request.page_ids)))
             return response
+
+    @_mapped
+    async def SendKvAhead(self, request_iterator: AsyncIterator[kvd_pb2.SendKvPart],
+                          context: grpc.aio.ServicerContext) -> kvd_pb2.SendKvResponse:
+        parts = aiter(request_iterator)
+        first = await anext(parts, None)
+        if first is None or first.WhichOneof("part") != "request":
+            raise RoomError("INVALID_ARGUMENT", "SendKvAhead: the first message must be a "
+                            "`request`")
+        request = first.request
+        if request.HasField("aux"):
+            raise RoomError("INVALID_ARGUMENT", f"room {request.room!r}: SendKvAhead's aux "
+                            "comes as the second message, not in the request")
+        aux: asyncio.Future[kvd_pb2.RoomAux] = asyncio.get_running_loop().create_future()
+        aux.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved either way
+        reader = asyncio.ensure_future(_read_aux(parts, aux, request.room))
+        try:
+            with tracing.server_span("kvd.send", context, **{
+                    "tandem.room": request.room, "tandem.pages": len(request.page_ids),
+                    "tandem.ahead": True}) as span:
+                response = await self.core.send_kv(request, aux)
+                if span is not None:  # tracing on
+                    span.set_attributes(tracing.kv_transfer_attributes(response,
+                                                                       len(request.page_ids)))
+                return response
+        finally:
+            reader.cancel()
 
     @_mapped
     async def ReleaseRoom(self, request: kvd_pb2.ReleaseRoomRequest,
@@ -232,8 +259,30 @@ class KvdServer:
         try:
             self.core.backend.close()
             self.core.local_backend.close()
+            self.core.source_events.close()
         finally:
             self.core.pools.close()
+
+
+async def _read_aux(parts: AsyncIterator[kvd_pb2.SendKvPart],
+                    aux: asyncio.Future[kvd_pb2.RoomAux], room: str) -> None:
+    """SendKvAhead's second message into `aux`; a missing, misplaced or malformed one fails
+    the room (a RoomError on `aux`)."""
+    try:
+        part = await anext(parts, None)
+    except ValueError as e:  # MalformedRequest
+        error = RoomError("INVALID_ARGUMENT", f"room {room!r}: {e}")
+    else:
+        if part is not None and part.WhichOneof("part") == "aux":
+            if not aux.done():
+                aux.set_result(part.aux)
+            return
+        error = (RoomError("ABORTED", f"room {room!r}: the prefill worker ended its send "
+                           "without the first token", "sender_failed") if part is None else
+                 RoomError("INVALID_ARGUMENT", f"room {room!r}: SendKvAhead's second message "
+                           "must be `aux`"))
+    if not aux.done():
+        aux.set_exception(error)
 
 
 async def _claim_socket(path: str) -> None:

@@ -146,6 +146,12 @@ def test_killed_worker_leaves_kvd_serving_and_killed_kvd_frees_its_vram(tmp_path
     assert _wait_free(1, baseline - SLACK) >= baseline - SLACK
 
 
+def _assert_nothing_pinned(*stubs) -> None:
+    for stub in stubs:
+        stats = stub.Stats(kvd_pb2.StatsRequest(), timeout=10)
+        assert all(p.pinned_pages == 0 for p in stats.pools)
+
+
 def _move(send: tuple, recv: tuple, src_gpu: int, dst_gpu: int, room: str) -> str:
     """Fill a pool on `src_gpu` (kvd `send`), move four coalesced runs of it into a pool on
     `dst_gpu` (kvd `recv`; the same kvd: the local path), check every byte; the backend."""
@@ -177,9 +183,7 @@ def _move(send: tuple, recv: tuple, src_gpu: int, dst_gpu: int, room: str) -> st
             assert torch.equal(dst_pages_t[d], src_pages_t[s]), f"page {s} -> {d} differs"
         untouched = sorted(set(range(64)) - set(dst_pages))
         assert not dst_pages_t[untouched].any()  # a fresh pool is zeroed; nothing else written
-        for stub in (a, b):
-            stats = stub.Stats(kvd_pb2.StatsRequest(), timeout=10)
-            assert all(p.pinned_pages == 0 for p in stats.pools)
+        _assert_nothing_pinned(a, b)
         return sent.backend
     finally:
         del src, dst
@@ -248,13 +252,88 @@ def test_ready_event_orders_reads_after_the_queued_copy_and_pages_wait_for_it(tm
         assert landed("ev-3", expect3.result(timeout=60), 0)
         for sent in (send2.result(timeout=60), send3.result(timeout=60)):
             assert sent.backend == "local" and sent.kv_bytes == moved * PAGE_BYTES
-        stats = stub.Stats(kvd_pb2.StatsRequest(), timeout=10)
-        assert all(p.pinned_pages == 0 for p in stats.pools)
+        _assert_nothing_pinned(stub)
     finally:
         del src, dst
         src_map.close()
         dst_map.close()
         assert stop(kvd[0]) == 0
+
+
+@pytest.mark.parametrize("path", ["local_ready_event", "local", "nixl"])
+def test_source_ready_event_orders_kvd_reads_after_the_prefill_stream(tmp_path, path):
+    """SendKvAhead before the prefill's GPU work is done: this process plays the prefill
+    worker — on a stream of GPU 0 it sleeps ~0.3 s, then writes the pages and records an IPC
+    event, and sends the room with that event at once. Every path must read the pages after
+    the event: the decode side sees the written bytes. A control room sent the same way
+    without the event is read before the write (the check can fail); transfer_seconds counts
+    the copy, not the wait."""
+    import torch
+
+    num_pages, moved = 64, [3, 4, 5, 9]
+    one = start_kvd(tmp_path, "a", "nixl")
+    kvds = (one, one) if path != "nixl" else (one, start_kvd(tmp_path, "b", "nixl"))
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = kvds
+    a, b = _stub(sock_a), _stub(sock_b)
+    src_reply = _attach(a, f"prefill-src-{path}", 0, num_pages)
+    dst_reply = _attach(b, f"decode-src-{path}", 1, num_pages)
+    (src_map, src), (dst_map, dst) = _open(src_reply, 0), _open(dst_reply, 1)
+    written = pattern(len(moved) * PAGE_BYTES, 8, src.device).view(len(moved), PAGE_BYTES)
+    index = torch.tensor(moved, device=src.device)
+    prefill = torch.cuda.Stream(0)
+    timing = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    with torch.cuda.stream(prefill):  # _sleep counts GPU clock cycles: how many in a second
+        torch.cuda._sleep(1_000_000)
+        timing[0].record(prefill)
+        torch.cuda._sleep(20_000_000)
+        timing[1].record(prefill)
+    prefill.synchronize()
+    cycles_per_second = 20_000_000 / (timing[0].elapsed_time(timing[1]) / 1e3)
+
+    def room(name: str, with_event: bool, src: torch.Tensor, dst: torch.Tensor
+             ) -> tuple[torch.Tensor, kvd_pb2.SendKvResponse]:
+        src_pages, dst_pages = src.view(num_pages, PAGE_BYTES), dst.view(num_pages, PAGE_BYTES)
+        src.zero_()
+        dst.zero_()
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+        expect = b.ExpectKv.future(kvd_pb2.ExpectKvRequest(
+            pool_id=dst_reply.pool_id, room=name, page_ids=list(range(len(moved))),
+            peer_address=addr_a, timeout_seconds=30,
+            accept_ready_event=path == "local_ready_event"), timeout=60)
+        event = torch.cuda.Event(interprocess=True)
+        with torch.cuda.stream(prefill):  # nothing here may wait on the host
+            torch.cuda._sleep(int(0.3 * cycles_per_second))  # ~0.3 s of "forward"
+            src_pages.index_copy_(0, index, written)
+            event.record(prefill)
+        request = kvd_pb2.SendKvRequest(
+            pool_id=src_reply.pool_id, room=name, page_ids=moved, peer_address=addr_b,
+            timeout_seconds=30, source_ready_event=bytes(event.ipc_handle()) if with_event else b"")
+        sent = a.SendKvAhead(iter([kvd_pb2.SendKvPart(request=request),
+                                   kvd_pb2.SendKvPart(aux=kvd_pb2.RoomAux(first_token_id=5))]),
+                             timeout=60)
+        got = expect.result(timeout=60)
+        assert got.aux.first_token_id == 5 and got.kv_bytes == len(moved) * PAGE_BYTES
+        assert bool(got.ready_event) == (path == "local_ready_event")
+        if got.ready_event:
+            torch.cuda.Event.from_ipc_handle(1, got.ready_event).synchronize()
+        prefill.synchronize()
+        return dst_pages[:len(moved)].to(0), sent
+
+    try:
+        landed, sent = room(f"src-ev-{path}", True, src, dst)
+        assert torch.equal(landed, written), "kvd read the pages before the prefill wrote them"
+        assert sent.backend == ("nixl" if path == "nixl" else "local")
+        assert sent.transfer_seconds < 0.1  # the copy alone, not the 0.3 s wait
+        landed, _ = room(f"src-none-{path}", False, src, dst)
+        assert not torch.equal(landed, written)  # the control: read at once, before the write
+        _assert_nothing_pinned(a, b)
+    finally:
+        del src, dst
+        src_map.close()
+        dst_map.close()
+        codes = [stop(proc) for proc, _, _ in {k[1]: k for k in kvds}.values()]
+    assert codes == [0] * len(codes)
 
 
 @pytest.mark.parametrize("backend", ["nixl", "mooncake"])

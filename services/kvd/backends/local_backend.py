@@ -15,12 +15,16 @@ faster than an SM copy kernel (333-347 GB/s); cutting it over four streams gaine
 (bench/peer_copy_gpu.py, bench/results/peer_copy-h100.json).
 
 Queued copies (`write_async`, GPU to GPU only). The copies are queued on the calling thread's
-stream of the source GPU and an interprocess CUDA event is recorded after them on a stream of
-the destination GPU (which waits for the copies); the call returns at once with a
-`QueuedCopy`: its `ready_event` (the event's IPC handle) lets another process order its own GPU
-work after the copies, and `wait()` blocks until they are done. An event goes back to the pool
-only after `wait()` saw its copies complete, so a process that waits on a handle late waits at
-worst on a later room's copy, never on pages still unwritten. kvd uses this for the same-node
+stream of the source GPU, and an interprocess CUDA event is recorded after them on a stream of
+the destination GPU (which waits for them). The copies may first wait for an event of the
+process that writes the source pages (`after`: the prefill's forward pass), which is why the
+source GPU drives them: a stream of another GPU waiting on an interprocess event opened here
+crashed kvd (segfault in the driver; H100, driver 580.159.04, CUDA 13.0), while a stream of
+the event's own GPU waits on it fine. The call returns at once with a `QueuedCopy`: its
+`ready_event` (the event's IPC handle) lets another process order its own GPU work after the
+copies, and `wait()` blocks until they are done. An event goes back to the pool only after
+`wait()` saw its copies complete, so a process that waits on a handle late waits at worst on
+a later room's copy, never on pages still unwritten. kvd uses this for the same-node
 path when the decode worker accepts a ready event: its answer travels while the bytes do.
 
 Checks. Any host memory works while nothing is registered; once a region is registered every
@@ -56,10 +60,10 @@ class LocalBackend:
         self._lock = threading.Lock()  # guards the GPU set, the stream and event lists
         self._gpus: set[int] = set()  # devices holding registered VRAM
         self._streams: list[Any] = []  # every writing thread's streams (destroyed by close)
-        self._thread = threading.local()  # .streams, .events: dict[device, stream / event]
+        self._thread = threading.local()  # .streams: dict[device, stream]
         self._events: list[_IpcEvent] = []  # every IPC event made (destroyed by close)
-        self._free_events: dict[int, list[_IpcEvent]] = {}  # device -> events whose copies ended
-        self._plain_events: list[Any] = []  # the threads' ordering events
+        self._free_events: dict[tuple[int, int], list[_IpcEvent]] = {}  # (source, dest) GPUs ->
+        # events whose copies ended
         self._is_closed = False
 
     def register(
@@ -110,10 +114,12 @@ class LocalBackend:
             self._copy_on_gpus(src_addrs[~on_host], lengths[~on_host], dsts[~on_host],
                                gpu[~on_host])
 
-    def write_async(self, peer: str, src: list[tuple[int, int]],
-                    dst_addrs: list[int]) -> QueuedCopy | None:
+    def write_async(self, peer: str, src: list[tuple[int, int]], dst_addrs: list[int],
+                    after: Any = None) -> QueuedCopy | None:
         """Queue a GPU-to-GPU write (see the module doc); None when it is not one — some range
-        in host memory, or sources or destinations on more than one GPU: use `write`."""
+        in host memory, or sources or destinations on more than one GPU: use `write`.
+        `after`: a CUDA event (any process's, opened here) whose latest record the copies wait
+        for — the source pages are complete only then."""
         src_addrs, lengths, dsts, src_gpu, dst_gpu = self._plan(peer, src, dst_addrs)
         if len(lengths) == 0 or (src_gpu == HOST).any() or (dst_gpu == HOST).any():
             return None
@@ -123,17 +129,20 @@ class LocalBackend:
         from services.common import cudart
 
         source, dest = int(devices[0][0]), int(devices[1][0])
-        copying = self._stream(source)
+        copying = self._stream(source)  # pushed by the source GPU (see the module doc)
         try:
+            if after is not None:
+                cudart.stream_wait_event(copying, after)
+            ready = self._take_event(source, dest)
+            cudart.event_record(ready.started, copying)
             for s, n, d in zip(src_addrs.tolist(), lengths.tolist(), dsts.tolist(), strict=True):
                 cudart.copy_async(d, s, n, copying)
-            ready = self._take_event(dest)
+            cudart.event_record(ready.copied, copying)
             stream = copying
             if source != dest:
-                order = self._thread_event(source)
-                cudart.event_record(order, stream)
+                cudart.event_record(ready.order, stream)
                 stream = self._stream(dest)
-                cudart.stream_wait_event(stream, order)
+                cudart.stream_wait_event(stream, ready.order)
             cudart.event_record(ready.event, stream)
         except cudart.CudaError as e:
             try:  # the caller frees the pages on this error: nothing may still be copying
@@ -201,33 +210,30 @@ class LocalBackend:
         cudart.set_device(device)
         return self._thread_own("streams", device, cudart.stream_create, self._streams)
 
-    def _take_event(self, device: int) -> _IpcEvent:
+    def _take_event(self, source: int, dest: int) -> _IpcEvent:
         with self._lock:
-            free = self._free_events.setdefault(device, [])
+            free = self._free_events.setdefault((source, dest), [])
             if free:
                 return free.pop(0)  # the longest idle: a late waiter least likely to see reuse
         from services.common import cudart
 
-        event, handle = cudart.ipc_event_create(device)
-        ready = _IpcEvent(device, event, handle)
+        event, handle = cudart.ipc_event_create(dest)
+        ready = _IpcEvent(source, dest, event, handle)
         with self._lock:
-            self._events.append(ready)
+            self._events.append(ready)  # destroyed by close, even if only half made
+        ready.started = cudart.event_create(source, timing=True)
+        ready.copied = cudart.event_create(source, timing=True)
+        ready.order = cudart.event_create(source)
         return ready
 
     def _give_back(self, ready: _IpcEvent) -> None:
         with self._lock:
             if not self._is_closed:
-                self._free_events.setdefault(ready.device, []).append(ready)
-
-    def _thread_event(self, device: int) -> Any:
-        """This thread's plain event on `device` (orders its streams of two GPUs)."""
-        from services.common import cudart
-
-        return self._thread_own("events", device, cudart.event_create, self._plain_events)
+                self._free_events.setdefault((ready.source, ready.dest), []).append(ready)
 
     def _thread_own(self, kind: str, device: int, make: Callable[[int], Any],
                     made: list[Any]) -> Any:
-        """The calling thread's `kind` ("streams" / "events") on `device`, made on first use
+        """The calling thread's `kind` (e.g. "streams") on `device`, made on first use
         and listed in `made` for `close`."""
         own: dict[int, Any] | None = getattr(self._thread, kind, None)
         if own is None:
@@ -245,8 +251,10 @@ class LocalBackend:
         self._is_closed = True
         with self._lock:
             streams, self._streams = self._streams, []
-            events = [e.event for e in self._events] + self._plain_events
-            self._events, self._plain_events, self._free_events = [], [], {}
+            events = [e for ready in self._events
+                      for e in (ready.event, ready.started, ready.copied, ready.order)
+                      if e is not None]
+            self._events, self._free_events = [], {}
         if streams or events:
             from services.common import cudart
 
@@ -258,26 +266,38 @@ class LocalBackend:
 
 @dataclass(slots=True)
 class _IpcEvent:
-    device: int  # the destination GPU it is recorded on
+    """One queued copy's events, reused together: the ready event (interprocess, on the
+    destination GPU), and on the source GPU two timing events around the copies and the event
+    the destination's stream waits on."""
+
+    source: int
+    dest: int
     event: Any
-    handle: bytes  # its CUDA IPC handle
+    handle: bytes  # the ready event's CUDA IPC handle
+    started: Any = None  # recorded before the copies (after any wait for the source)
+    copied: Any = None  # recorded after them
+    order: Any = None  # recorded after them too, for the destination GPU's stream
 
 
 class QueuedCopy:
     """GPU copies queued by `LocalBackend.write_async`. `ready_event`: the IPC handle of the
-    event recorded after them. `wait()`: block until they are done (raises `TransferError`);
-    call it exactly once, which also returns the event to the backend's pool."""
+    event recorded after them. `wait()`: block until they are done and return the seconds the
+    copies took on the GPU (not counting a wait for the source); raises `TransferError`. Call
+    it exactly once: it also returns the events to the backend's pool."""
 
     def __init__(self, backend: LocalBackend, ready: _IpcEvent) -> None:
         self._backend = backend
         self._ready = ready
         self.ready_event = ready.handle
 
-    def wait(self) -> None:
+    def wait(self) -> float:
         from services.common import cudart
 
+        ready = self._ready
         try:
-            cudart.event_synchronize(self._ready.event)
+            cudart.event_synchronize(ready.event)
+            seconds = cudart.event_elapsed_seconds(ready.started, ready.copied)
         except cudart.CudaError as e:
             raise TransferError(f"local backend: GPU copy failed: {e}") from e
-        self._backend._give_back(self._ready)
+        self._backend._give_back(ready)
+        return seconds

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tandem/v1/kvd.proto\x12\ttandem.v1\"\x8a\x01\n\x08KvLayout\x12\x11\n\tnum_pages\x18\x01 \x01(\x05\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"2\n\x0bKvPlacement\x12\x11\n\tgpu_index\x18\x01 \x01(\x05\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\x0c\"v\n\x11\x41ttachPoolRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12)\n\tplacement\x18\x03 \x01(\x0b\x32\x16.tandem.v1.KvPlacement\"\x94\x01\n\x12\x41ttachPoolResponse\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x14\n\x0csegment_name\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x12\n\nreattached\x18\x04 \x01(\x08\x12\x17\n\x0f\x63uda_ipc_handle\x18\x05 \x01(\x0c\x12\x15\n\rkvd_gpu_index\x18\x06 \x01(\x05\"|\n\x07RoomAux\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\"\x8d\x01\n\x0f\x45xpectKvRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x1a\n\x12\x61\x63\x63\x65pt_ready_event\x18\x06 \x01(\x08\"Z\n\x10\x45xpectKvResponse\x12\x1f\n\x03\x61ux\x18\x01 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bready_event\x18\x03 \x01(\x0c\">\n\x15\x41waitBootstrapRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"+\n\x16\x41waitBootstrapResponse\x12\x11\n\tnum_pages\x18\x01 \x01(\x05\"\x90\x01\n\rSendKvRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12\x1f\n\x03\x61ux\x18\x05 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"{\n\x0eSendKvResponse\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fnum_descriptors\x18\x02 \x01(\x05\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x13\n\x0bqueue_shard\x18\x05 \x01(\x05\"\"\n\x12ReleaseRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"&\n\x13ReleaseRoomResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"X\n\tPoolStats\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x14\n\x0cpinned_pages\x18\x04 \x01(\x05\"\xcb\x01\n\rStatsResponse\x12#\n\x05pools\x18\x01 \x03(\x0b\x32\x14.tandem.v1.PoolStats\x12\x12\n\nopen_rooms\x18\x02 \x01(\x05\x12\x17\n\x0frooms_completed\x18\x03 \x01(\x03\x12\x14\n\x0crooms_failed\x18\x04 \x01(\x03\x12\x12\n\nbytes_sent\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x14\n\x0cpeer_address\x18\x07 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\"c\n\x10HandshakeRequest\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61\x63kend_metadata\x18\x03 \x01(\x0c\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\"=\n\x11HandshakeResponse\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61\x63kend_metadata\x18\x02 \x01(\x0c\"\x90\x01\n\x10\x42ootstrapRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x16\n\x0epool_base_addr\x18\x05 \x01(\x03\x12\x10\n\x08page_ids\x18\x06 \x03(\x05\"\x13\n\x11\x42ootstrapResponse\"u\n\x13TransferDoneRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\x12\x1f\n\x03\x61ux\x18\x03 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x16\n\x14TransferDoneResponse\"1\n\x11\x43\x61ncelRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\"\x14\n\x12\x43\x61ncelRoomResponse\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\"#\n\x11HeartbeatResponse\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t2\xbc\x03\n\nKvdService\x12I\n\nAttachPool\x12\x1c.tandem.v1.AttachPoolRequest\x1a\x1d.tandem.v1.AttachPoolResponse\x12\x43\n\x08\x45xpectKv\x12\x1a.tandem.v1.ExpectKvRequest\x1a\x1b.tandem.v1.ExpectKvResponse\x12U\n\x0e\x41waitBootstrap\x12 .tandem.v1.AwaitBootstrapRequest\x1a!.tandem.v1.AwaitBootstrapResponse\x12=\n\x06SendKv\x12\x18.tandem.v1.SendKvRequest\x1a\x19.tandem.v1.SendKvResponse\x12L\n\x0bReleaseRoom\x12\x1d.tandem.v1.ReleaseRoomRequest\x1a\x1e.tandem.v1.ReleaseRoomResponse\x12:\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x18.tandem.v1.StatsResponse2\x84\x03\n\x0eKvdPeerService\x12\x46\n\tHandshake\x12\x1b.tandem.v1.HandshakeRequest\x1a\x1c.tandem.v1.HandshakeResponse\x12\x46\n\tBootstrap\x12\x1b.tandem.v1.BootstrapRequest\x1a\x1c.tandem.v1.BootstrapResponse\x12O\n\x0cTransferDone\x12\x1e.tandem.v1.TransferDoneRequest\x1a\x1f.tandem.v1.TransferDoneResponse\x12I\n\nCancelRoom\x12\x1c.tandem.v1.CancelRoomRequest\x1a\x1d.tandem.v1.CancelRoomResponse\x12\x46\n\tHeartbeat\x12\x1b.tandem.v1.HeartbeatRequest\x1a\x1c.tandem.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tandem/v1/kvd.proto\x12\ttandem.v1\"\x8a\x01\n\x08KvLayout\x12\x11\n\tnum_pages\x18\x01 \x01(\x05\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"2\n\x0bKvPlacement\x12\x11\n\tgpu_index\x18\x01 \x01(\x05\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\x0c\"v\n\x11\x41ttachPoolRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12)\n\tplacement\x18\x03 \x01(\x0b\x32\x16.tandem.v1.KvPlacement\"\x94\x01\n\x12\x41ttachPoolResponse\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x14\n\x0csegment_name\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x12\n\nreattached\x18\x04 \x01(\x08\x12\x17\n\x0f\x63uda_ipc_handle\x18\x05 \x01(\x0c\x12\x15\n\rkvd_gpu_index\x18\x06 \x01(\x05\"|\n\x07RoomAux\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\"\x8d\x01\n\x0f\x45xpectKvRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x1a\n\x12\x61\x63\x63\x65pt_ready_event\x18\x06 \x01(\x08\"Z\n\x10\x45xpectKvResponse\x12\x1f\n\x03\x61ux\x18\x01 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bready_event\x18\x03 \x01(\x0c\">\n\x15\x41waitBootstrapRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"+\n\x16\x41waitBootstrapResponse\x12\x11\n\tnum_pages\x18\x01 \x01(\x05\"\xac\x01\n\rSendKvRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12\x1f\n\x03\x61ux\x18\x05 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x1a\n\x12source_ready_event\x18\x07 \x01(\x0c\"d\n\nSendKvPart\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x18.tandem.v1.SendKvRequestH\x00\x12!\n\x03\x61ux\x18\x02 \x01(\x0b\x32\x12.tandem.v1.RoomAuxH\x00\x42\x06\n\x04part\"{\n\x0eSendKvResponse\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fnum_descriptors\x18\x02 \x01(\x05\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x13\n\x0bqueue_shard\x18\x05 \x01(\x05\"\"\n\x12ReleaseRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"&\n\x13ReleaseRoomResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"X\n\tPoolStats\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x14\n\x0cpinned_pages\x18\x04 \x01(\x05\"\xcb\x01\n\rStatsResponse\x12#\n\x05pools\x18\x01 \x03(\x0b\x32\x14.tandem.v1.PoolStats\x12\x12\n\nopen_rooms\x18\x02 \x01(\x05\x12\x17\n\x0frooms_completed\x18\x03 \x01(\x03\x12\x14\n\x0crooms_failed\x18\x04 \x01(\x03\x12\x12\n\nbytes_sent\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x14\n\x0cpeer_address\x18\x07 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\"c\n\x10HandshakeRequest\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61\x63kend_metadata\x18\x03 \x01(\x0c\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\"=\n\x11HandshakeResponse\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61\x63kend_metadata\x18\x02 \x01(\x0c\"\x90\x01\n\x10\x42ootstrapRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KvLayout\x12\x16\n\x0epool_base_addr\x18\x05 \x01(\x03\x12\x10\n\x08page_ids\x18\x06 \x03(\x05\"\x13\n\x11\x42ootstrapResponse\"u\n\x13TransferDoneRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\x12\x1f\n\x03\x61ux\x18\x03 \x01(\x0b\x32\x12.tandem.v1.RoomAux\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x16\n\x14TransferDoneResponse\"1\n\x11\x43\x61ncelRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06kvd_id\x18\x02 \x01(\t\"\x14\n\x12\x43\x61ncelRoomResponse\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t\"#\n\x11HeartbeatResponse\x12\x0e\n\x06kvd_id\x18\x01 \x01(\t2\xff\x03\n\nKvdService\x12I\n\nAttachPool\x12\x1c.tandem.v1.AttachPoolRequest\x1a\x1d.tandem.v1.AttachPoolResponse\x12\x43\n\x08\x45xpectKv\x12\x1a.tandem.v1.ExpectKvRequest\x1a\x1b.tandem.v1.ExpectKvResponse\x12U\n\x0e\x41waitBootstrap\x12 .tandem.v1.AwaitBootstrapRequest\x1a!.tandem.v1.AwaitBootstrapResponse\x12=\n\x06SendKv\x12\x18.tandem.v1.SendKvRequest\x1a\x19.tandem.v1.SendKvResponse\x12\x41\n\x0bSendKvAhead\x12\x15.tandem.v1.SendKvPart\x1a\x19.tandem.v1.SendKvResponse(\x01\x12L\n\x0bReleaseRoom\x12\x1d.tandem.v1.ReleaseRoomRequest\x1a\x1e.tandem.v1.ReleaseRoomResponse\x12:\n\x05Stats\x12\x17.tandem.v1.StatsRequest\x1a\x18.tandem.v1.StatsResponse2\x84\x03\n\x0eKvdPeerService\x12\x46\n\tHandshake\x12\x1b.tandem.v1.HandshakeRequest\x1a\x1c.tandem.v1.HandshakeResponse\x12\x46\n\tBootstrap\x12\x1b.tandem.v1.BootstrapRequest\x1a\x1c.tandem.v1.BootstrapResponse\x12O\n\x0cTransferDone\x12\x1e.tandem.v1.TransferDoneRequest\x1a\x1f.tandem.v1.TransferDoneResponse\x12I\n\nCancelRoom\x12\x1c.tandem.v1.CancelRoomRequest\x1a\x1d.tandem.v1.CancelRoomResponse\x12\x46\n\tHeartbeat\x12\x1b.tandem.v1.HeartbeatRequest\x1a\x1c.tandem.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,41 +50,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AWAITBOOTSTRAPRESPONSE']._serialized_start=924
   _globals['_AWAITBOOTSTRAPRESPONSE']._serialized_end=967
   _globals['_SENDKVREQUEST']._serialized_start=970
-  _globals['_SENDKVREQUEST']._serialized_end=1114
-  _globals['_SENDKVRESPONSE']._serialized_start=1116
-  _globals['_SENDKVRESPONSE']._serialized_end=1239
-  _globals['_RELEASEROOMREQUEST']._serialized_start=1241
-  _globals['_RELEASEROOMREQUEST']._serialized_end=1275
-  _globals['_RELEASEROOMRESPONSE']._serialized_start=1277
-  _globals['_RELEASEROOMRESPONSE']._serialized_end=1315
-  _globals['_STATSREQUEST']._serialized_start=1317
-  _globals['_STATSREQUEST']._serialized_end=1331
-  _globals['_POOLSTATS']._serialized_start=1333
-  _globals['_POOLSTATS']._serialized_end=1421
-  _globals['_STATSRESPONSE']._serialized_start=1424
-  _globals['_STATSRESPONSE']._serialized_end=1627
-  _globals['_HANDSHAKEREQUEST']._serialized_start=1629
-  _globals['_HANDSHAKEREQUEST']._serialized_end=1728
-  _globals['_HANDSHAKERESPONSE']._serialized_start=1730
-  _globals['_HANDSHAKERESPONSE']._serialized_end=1791
-  _globals['_BOOTSTRAPREQUEST']._serialized_start=1794
-  _globals['_BOOTSTRAPREQUEST']._serialized_end=1938
-  _globals['_BOOTSTRAPRESPONSE']._serialized_start=1940
-  _globals['_BOOTSTRAPRESPONSE']._serialized_end=1959
-  _globals['_TRANSFERDONEREQUEST']._serialized_start=1961
-  _globals['_TRANSFERDONEREQUEST']._serialized_end=2078
-  _globals['_TRANSFERDONERESPONSE']._serialized_start=2080
-  _globals['_TRANSFERDONERESPONSE']._serialized_end=2102
-  _globals['_CANCELROOMREQUEST']._serialized_start=2104
-  _globals['_CANCELROOMREQUEST']._serialized_end=2153
-  _globals['_CANCELROOMRESPONSE']._serialized_start=2155
-  _globals['_CANCELROOMRESPONSE']._serialized_end=2175
-  _globals['_HEARTBEATREQUEST']._serialized_start=2177
-  _globals['_HEARTBEATREQUEST']._serialized_end=2211
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2213
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2248
-  _globals['_KVDSERVICE']._serialized_start=2251
-  _globals['_KVDSERVICE']._serialized_end=2695
-  _globals['_KVDPEERSERVICE']._serialized_start=2698
-  _globals['_KVDPEERSERVICE']._serialized_end=3086
+  _globals['_SENDKVREQUEST']._serialized_end=1142
+  _globals['_SENDKVPART']._serialized_start=1144
+  _globals['_SENDKVPART']._serialized_end=1244
+  _globals['_SENDKVRESPONSE']._serialized_start=1246
+  _globals['_SENDKVRESPONSE']._serialized_end=1369
+  _globals['_RELEASEROOMREQUEST']._serialized_start=1371
+  _globals['_RELEASEROOMREQUEST']._serialized_end=1405
+  _globals['_RELEASEROOMRESPONSE']._serialized_start=1407
+  _globals['_RELEASEROOMRESPONSE']._serialized_end=1445
+  _globals['_STATSREQUEST']._serialized_start=1447
+  _globals['_STATSREQUEST']._serialized_end=1461
+  _globals['_POOLSTATS']._serialized_start=1463
+  _globals['_POOLSTATS']._serialized_end=1551
+  _globals['_STATSRESPONSE']._serialized_start=1554
+  _globals['_STATSRESPONSE']._serialized_end=1757
+  _globals['_HANDSHAKEREQUEST']._serialized_start=1759
+  _globals['_HANDSHAKEREQUEST']._serialized_end=1858
+  _globals['_HANDSHAKERESPONSE']._serialized_start=1860
+  _globals['_HANDSHAKERESPONSE']._serialized_end=1921
+  _globals['_BOOTSTRAPREQUEST']._serialized_start=1924
+  _globals['_BOOTSTRAPREQUEST']._serialized_end=2068
+  _globals['_BOOTSTRAPRESPONSE']._serialized_start=2070
+  _globals['_BOOTSTRAPRESPONSE']._serialized_end=2089
+  _globals['_TRANSFERDONEREQUEST']._serialized_start=2091
+  _globals['_TRANSFERDONEREQUEST']._serialized_end=2208
+  _globals['_TRANSFERDONERESPONSE']._serialized_start=2210
+  _globals['_TRANSFERDONERESPONSE']._serialized_end=2232
+  _globals['_CANCELROOMREQUEST']._serialized_start=2234
+  _globals['_CANCELROOMREQUEST']._serialized_end=2283
+  _globals['_CANCELROOMRESPONSE']._serialized_start=2285
+  _globals['_CANCELROOMRESPONSE']._serialized_end=2305
+  _globals['_HEARTBEATREQUEST']._serialized_start=2307
+  _globals['_HEARTBEATREQUEST']._serialized_end=2341
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2343
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2378
+  _globals['_KVDSERVICE']._serialized_start=2381
+  _globals['_KVDSERVICE']._serialized_end=2892
+  _globals['_KVDPEERSERVICE']._serialized_start=2895
+  _globals['_KVDPEERSERVICE']._serialized_end=3283
 # @@protoc_insertion_point(module_scope)

@@ -113,20 +113,30 @@ class AwaitBootstrapResponse(_message.Message):
     def __init__(self, num_pages: _Optional[int] = ...) -> None: ...
 
 class SendKvRequest(_message.Message):
-    __slots__ = ("pool_id", "room", "page_ids", "peer_address", "aux", "timeout_seconds")
+    __slots__ = ("pool_id", "room", "page_ids", "peer_address", "aux", "timeout_seconds", "source_ready_event")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     ROOM_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     AUX_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_READY_EVENT_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     room: str
     page_ids: _containers.RepeatedScalarFieldContainer[int]
     peer_address: str
     aux: RoomAux
     timeout_seconds: float
-    def __init__(self, pool_id: _Optional[str] = ..., room: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., peer_address: _Optional[str] = ..., aux: _Optional[_Union[RoomAux, _Mapping]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+    source_ready_event: bytes
+    def __init__(self, pool_id: _Optional[str] = ..., room: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., peer_address: _Optional[str] = ..., aux: _Optional[_Union[RoomAux, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., source_ready_event: _Optional[bytes] = ...) -> None: ...
+
+class SendKvPart(_message.Message):
+    __slots__ = ("request", "aux")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    AUX_FIELD_NUMBER: _ClassVar[int]
+    request: SendKvRequest
+    aux: RoomAux
+    def __init__(self, request: _Optional[_Union[SendKvRequest, _Mapping]] = ..., aux: _Optional[_Union[RoomAux, _Mapping]] = ...) -> None: ...
 
 class SendKvResponse(_message.Message):
     __slots__ = ("kv_bytes", "num_descriptors", "transfer_seconds", "backend", "queue_shard")

@@ -54,6 +54,11 @@ class KvdServiceStub:
                 request_serializer=tandem_dot_v1_dot_kvd__pb2.SendKvRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_kvd__pb2.SendKvResponse.FromString,
                 _registered_method=True)
+        self.SendKvAhead = channel.stream_unary(
+                '/tandem.v1.KvdService/SendKvAhead',
+                request_serializer=tandem_dot_v1_dot_kvd__pb2.SendKvPart.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_kvd__pb2.SendKvResponse.FromString,
+                _registered_method=True)
         self.ReleaseRoom = channel.unary_unary(
                 '/tandem.v1.KvdService/ReleaseRoom',
                 request_serializer=tandem_dot_v1_dot_kvd__pb2.ReleaseRoomRequest.SerializeToString,
@@ -93,6 +98,17 @@ class KvdServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendKvAhead(self, request_iterator, context):
+        """SendKv announced ahead: the request goes out while the prefill's forward pass still runs
+        (with `source_ready_event`), the transfer starts the moment the KV is complete, and the
+        first token follows as the second message. The decode side is answered once both the KV
+        and the aux data are there. A call that ends (or is cancelled) without `aux` fails the
+        room on both sides; messages out of order are INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseRoom(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -126,6 +142,11 @@ def add_KvdServiceServicer_to_server(servicer, server):
             'SendKv': grpc.unary_unary_rpc_method_handler(
                     servicer.SendKv,
                     request_deserializer=tandem_dot_v1_dot_kvd__pb2.SendKvRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_kvd__pb2.SendKvResponse.SerializeToString,
+            ),
+            'SendKvAhead': grpc.stream_unary_rpc_method_handler(
+                    servicer.SendKvAhead,
+                    request_deserializer=tandem_dot_v1_dot_kvd__pb2.SendKvPart.FromString,
                     response_serializer=tandem_dot_v1_dot_kvd__pb2.SendKvResponse.SerializeToString,
             ),
             'ReleaseRoom': grpc.unary_unary_rpc_method_handler(
@@ -246,6 +267,33 @@ class KvdService:
             target,
             '/tandem.v1.KvdService/SendKv',
             tandem_dot_v1_dot_kvd__pb2.SendKvRequest.SerializeToString,
+            tandem_dot_v1_dot_kvd__pb2.SendKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendKvAhead(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tandem.v1.KvdService/SendKvAhead',
+            tandem_dot_v1_dot_kvd__pb2.SendKvPart.SerializeToString,
             tandem_dot_v1_dot_kvd__pb2.SendKvResponse.FromString,
             options,
             channel_credentials,
