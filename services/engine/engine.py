@@ -14,7 +14,10 @@ calls `use_device()` first):
   pages at once.
 PD hooks (the engine never moves KV itself; kvd does, between the calls):
 - prefill side: `add_request(..., keep_kv=True)`; its finishing output carries `kv_page_ids`,
-  pages the engine keeps until `release_kv(request_id)`.
+  pages the engine keeps until `release_kv(request_id)`. Earlier, in the step that completes
+  the prompt's KV, once the forward pass is queued and before the host waits for the logits,
+  `on_kv_computed(KvComputed)` (if set) gets the same page ids and a CUDA IPC event after
+  which they are complete (kv_events.py): the KV can start moving the moment the GPU is done.
 - decode side: `add_remote_prefill` reserves pages for the prompt and returns their ids (the
   room's destination); once kvd says the KV landed, `kv_arrived(request_id, first_token)` queues
   the request to decode, its first token already known.
@@ -24,6 +27,7 @@ The KV pool may be memory the engine did not allocate (`pool=`): kvd's segment i
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
@@ -33,6 +37,7 @@ from services.common.serve_config import ATTENTION_BACKENDS
 from services.engine.attention import TorchPagedAttention
 from services.engine.config import ModelConfig
 from services.engine.kv_cache_manager import KVCacheManager
+from services.engine.kv_events import KvComputed, KvEvents
 from services.engine.kv_pool import KVLayout, KVPool, pages_for_memory
 from services.engine.model import LlamaModel
 from services.engine.output import Completion, RequestOutput, RequestState
@@ -112,6 +117,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self._requests: dict[str, RequestState] = {}  # every live request, in any state
         self._keep_kv: set[str] = set()  # PD prefill requests whose pages outlive them
+        self._kv_events = KvEvents(model.device)
+        self.on_kv_computed: Callable[[KvComputed], None] | None = None  # engine thread
         self._arrivals = itertools.count()
 
     def use_device(self) -> None:
@@ -210,6 +217,7 @@ class LLMEngine:
             return False
         state = self._requests.pop(request_id, None)
         self._keep_kv.discard(request_id)
+        self._kv_events.release(request_id)
         if state is None:
             return False
         if state.seq.status is SequenceStatus.KV_HELD:
@@ -235,6 +243,7 @@ class LLMEngine:
         if state is None:
             return None
         self._keep_kv.discard(request_id)
+        self._kv_events.release(request_id)
         self.scheduler.finish(state.seq, "abort")
         return state.final_output("abort")
 
@@ -286,9 +295,20 @@ class LLMEngine:
             return outputs
         result = self.runner.run(batch)
         self.scheduler.commit(batch)
-        return outputs + self._sample_and_append(
-            [batch.seqs[i] for i in result.sample_indices], result.logits
-        )
+        sampled = [batch.seqs[i] for i in result.sample_indices]
+        self._announce_kv(sampled)
+        return outputs + self._sample_and_append(sampled, result.logits)
+
+    def _announce_kv(self, seqs: list[Sequence]) -> None:
+        """Tell `on_kv_computed` of the keep_kv prompts whose KV this step's forward pass
+        (queued, maybe still running) completes: those about to sample their first token."""
+        if self.on_kv_computed is None or not self._keep_kv:
+            return
+        for seq in seqs:
+            rid = seq.request_id
+            if rid in self._keep_kv and not seq.output_token_ids:
+                self.on_kv_computed(KvComputed(rid, list(seq.page_ids),
+                                               self._kv_events.record(rid)))
 
     def _drain(self) -> None:
         """Finish an overlapped step in flight; its outputs go out with the next `step`."""

@@ -15,7 +15,9 @@ Contract:
   Closing a stream early (break, task cancelled, an exception) aborts the request and frees its
   pages. With `generate(keep_kv=True)` the finishing output carries `kv_page_ids`; those pages
   are then the caller's until `release_kv(rid)` (a consumer that leaves before taking that
-  output leaves nothing held: the loop releases them).
+  output leaves nothing held: the loop releases them). `on_kv_computed`, if given, is called on
+  the caller's event loop before that output, as soon as the prompt's KV is queued on the GPU
+  (engine.py's `KvComputed`); an engine that cannot tell that moment never calls it.
 - A step that raises fails every live request: its consumer gets `EngineStepError`, the engine
   aborts it (pages freed), the error is logged, and the loop keeps serving new requests.
 - `stop()` aborts what is left (consumers get `EngineStopped`) and joins the thread.
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from services.engine.engine import LLMEngine
+from services.engine.kv_events import KvComputed
 from services.engine.output import RequestOutput
 from services.engine.sampler import TokenLogprobs
 from services.engine.sampling_params import SamplingParams
@@ -65,10 +68,12 @@ class EngineLoad(NamedTuple):
 class _Stream:
     """One request's outputs, from the loop thread to its consumer's event loop."""
 
-    __slots__ = ("loop", "queue", "is_done")
+    __slots__ = ("loop", "queue", "is_done", "on_kv_computed")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_kv_computed: Callable[[KvComputed], None] | None = None) -> None:
         self.loop = loop
+        self.on_kv_computed = on_kv_computed
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.is_done = False  # consumer side: the finishing output or an error was taken
 
@@ -97,6 +102,7 @@ class EngineLoop:
         self._held: dict[str, _Stream] = {}  # loop thread only: finished keep_kv requests
         self._unclaimed: dict[str, _Stream] = {}  # event loop only: remote, not yet streamed
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        engine.on_kv_computed = self._on_kv_computed
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -122,11 +128,13 @@ class EngineLoop:
     # --- asyncio API -----------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
-                       params: SamplingParams, keep_kv: bool = False
+                       params: SamplingParams, keep_kv: bool = False,
+                       on_kv_computed: Callable[[KvComputed], None] | None = None
                        ) -> AsyncGenerator[RequestOutput, None]:
         """Deltas until the finishing one. Input errors (`EngineInputError`) raise from the
-        first `__anext__`; closing early aborts the request."""
-        stream = _Stream(asyncio.get_running_loop())
+        first `__anext__`; closing early aborts the request. `on_kv_computed`: see the
+        module doc (keep_kv only)."""
+        stream = _Stream(asyncio.get_running_loop(), on_kv_computed)
         try:
             await self._call(functools.partial(self._on_add, request_id, list(prompt_token_ids),
                                                params, keep_kv, stream))
@@ -271,6 +279,12 @@ class EngineLoop:
             batches.setdefault(stream.loop, []).append((stream, output))
         for loop, items in batches.items():
             _call_soon(loop, _put_all, items)
+
+    def _on_kv_computed(self, notice: KvComputed) -> None:
+        """The engine's hook (mid-step): on to the request's consumer, ahead of its outputs."""
+        stream = self._streams.get(notice.request_id)
+        if stream is not None and stream.on_kv_computed is not None:
+            _call_soon(stream.loop, stream.on_kv_computed, notice)
 
     def _fail_all(self, make_error: Callable[[], BaseException]) -> None:
         streams, self._streams = self._streams, {}

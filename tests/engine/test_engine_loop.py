@@ -240,6 +240,20 @@ def test_keep_kv_pages_freed_when_consumer_leaves_before_the_last_output(folder)
     _run(folder, body)
 
 
+def test_kv_computed_reaches_the_caller_before_the_finishing_output(folder):
+    async def body(loop):
+        notices = []
+        stream = loop.generate("ahead", _prompts(30)[0], SamplingParams(max_tokens=1, **GREEDY),
+                               keep_kv=True, on_kv_computed=notices.append)
+        async for out in stream:
+            assert out.finished and [n.page_ids for n in notices] == [out.kv_page_ids]
+        assert notices[0].request_id == "ahead"
+        assert await loop.release_kv("ahead")
+        await _assert_all_pages_free(loop)
+
+    _run(folder, body)
+
+
 def test_abort_while_awaiting_kv_frees_reserved_pages(folder):
     async def body(loop):
         assert await loop.add_remote_prefill("r", _prompts(30)[0], SamplingParams()) is not None

@@ -102,3 +102,32 @@ def test_full_pool_refuses_remote_reservation_without_holding(tmp_path):
     assert engine.kv.num_held_pages == 3 and engine.has_unfinished()
     engine.abort("a")
     assert engine.kv.num_held_pages == 0
+
+
+def test_kv_is_announced_once_queued_before_its_first_token_is_sampled(tmp_path):
+    """`on_kv_computed` fires in the step whose forward pass completes a keep_kv prompt (the
+    last of its chunks), before sampling, with the pages the finishing output carries; never
+    for a plain request. On CPU there is no event: the KV is complete once queued."""
+    folder = tmp_path / "m"
+    make_tiny_model("llama", folder)
+    engine = _make_engine(folder, chunked_prefill_size=8)
+    notices = []
+
+    def on_kv_computed(notice):
+        seq = engine._requests[notice.request_id].seq
+        notices.append((notice, list(seq.output_token_ids), seq.num_uncomputed_tokens))
+
+    engine.on_kv_computed = on_kv_computed
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    engine.add_request("kept", list(range(21)), greedy, keep_kv=True)  # 3 chunks of <= 8
+    engine.add_request("plain", list(range(5)), greedy)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    (kept,) = [o for o in outputs if o.request_id == "kept"]
+    ((notice, sampled_before, uncomputed),) = notices
+    assert notice.request_id == "kept" and notice.page_ids == kept.kv_page_ids
+    assert len(notice.page_ids) == 6 and notice.ready_event == b""
+    assert sampled_before == [] and uncomputed == 0
+    assert engine.release_kv("kept") and engine._kv_events.num_held == 0
+    assert engine.kv.num_held_pages == 0
