@@ -124,6 +124,11 @@ def end_span(current: trace.Span | None, error: BaseException | None = None,
     current.end()
 
 
+def current_span() -> trace.Span | None:
+    """The span current here (to parent a `start_span` made later elsewhere); None when off."""
+    return trace.get_current_span() if _ENABLED else None
+
+
 def metadata_for(current: trace.Span | None) -> list[tuple[str, str]] | None:
     """gRPC metadata carrying `current`'s context (None when off)."""
     if current is None:

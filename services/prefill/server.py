@@ -4,9 +4,10 @@ Contract of `Prefill(request)` (request.disaggregation names the room and the de
 kvd): wait until the decode side has reserved the room's pages (its bootstrap reached this
 node's kvd, at most SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT) — as SGLang's bootstrap queue, so
 that no KV is computed without a destination; run the prompt through the engine for one token,
-keeping its KV pages; ask the kvd to send those pages to the room with the first token as aux
-data; answer once the KV has landed. The pages are released on every path — sent, failed,
-timed out or cancelled.
+keeping its KV pages; send those pages to the room ahead (kv_sender.py: kvd has them as soon as
+the forward pass is queued, and moves them the moment the GPU is done), then the first token as
+aux data; answer once the KV has landed. The pages are released on every path — sent, failed,
+timed out or cancelled — and a send already announced is cancelled on every failure.
 Bad input is INVALID_ARGUMENT; a failed transfer answers the status kvd gave (RoomFailed).
 """
 
@@ -18,6 +19,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -40,10 +42,12 @@ from services.common.proto.tandem.v1 import kvd_pb2, profiler_pb2_grpc, worker_p
 from services.common.serve_config import ServeConfig
 from services.common.worker_metrics import CANCELLED, SENT, RequestTimer, WorkerMetrics
 from services.engine.engine_loop import EngineLoop, EngineStepError, EngineStopped
+from services.engine.kv_events import KvComputed
 from services.engine.loader import LoadedModel, load_model, resolve_dtype
 from services.engine.output import RequestOutput
 from services.engine.runtime import PDAttachment, build_pd_engine, resolve_device
 from services.engine.sampling_params import SamplingParams
+from services.prefill.kv_sender import AheadSend
 
 logger = logging.getLogger(__name__)
 
@@ -89,41 +93,43 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                        context: grpc.aio.ServicerContext,
                        timer: RequestTimer) -> worker_pb2.PrefillResponse:
         d = req.disaggregation
+        sender = AheadSend(self.pd.kvd.stub, self.pd.pool_id, d.room, d.peer_kvd_address)
         try:
-            if not d.room or not d.peer_kvd_address:
-                raise ValueError("a prefill request needs `disaggregation`: the room and the "
-                                 "decode node's kvd address (peer_kvd_address)")
-            prompt_ids = prompt_ids_from_proto(self.tokenizer, req)
-            params = sampling_params_from_proto(req.sampling)
-            with tracing.span("prefill.queue", **{"tandem.room": d.room}):
-                await self._await_bootstrap(d.room)  # the bootstrap queue, as SGLang's
-            start = time.perf_counter()
-            with tracing.span("prefill.forward") as span:
-                first = await self._first_token(request_id, prompt_ids, params)
-                tracing.set_attributes(span, **{"tandem.prompt_tokens": first.num_prompt_tokens,
-                                                "tandem.cached_tokens": first.num_cached_tokens})
-            timer.tokens_out()
-            self.metrics.prefill_seconds.observe(time.perf_counter() - start)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except RoomFailed as e:
-            await context.abort(e.code, str(e))
-        except EngineStopped as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except EngineStepError as e:
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        try:
-            start = time.perf_counter()
-            with tracing.span("kv.transfer", **{"tandem.room": d.room}) as span:
-                sent = await self._send(d.room, d.peer_kvd_address, first)
-                if span is not None:  # tracing on
-                    span.set_attributes(tracing.kv_transfer_attributes(
-                        sent, len(first.kv_page_ids or [])))
-            self.metrics.kv_send_seconds.observe(time.perf_counter() - start)
-            self.metrics.kv_sent_bytes.inc(sent.kv_bytes)
-        except RoomFailed as e:
-            await context.abort(e.code, str(e))
+            try:
+                if not d.room or not d.peer_kvd_address:
+                    raise ValueError("a prefill request needs `disaggregation`: the room and "
+                                     "the decode node's kvd address (peer_kvd_address)")
+                prompt_ids = prompt_ids_from_proto(self.tokenizer, req)
+                params = sampling_params_from_proto(req.sampling)
+                with tracing.span("prefill.queue", **{"tandem.room": d.room}):
+                    await self._await_bootstrap(d.room)  # the bootstrap queue, as SGLang's
+                start = time.perf_counter()
+                with tracing.span("prefill.forward") as span:
+                    first = await self._first_token(request_id, prompt_ids, params,
+                                                    sender.announce)
+                    tracing.set_attributes(span, **{
+                        "tandem.prompt_tokens": first.num_prompt_tokens,
+                        "tandem.cached_tokens": first.num_cached_tokens,
+                        "tandem.kv_sent_ahead": sender.was_announced})
+                timer.tokens_out()
+                self.metrics.prefill_seconds.observe(time.perf_counter() - start)
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except RoomFailed as e:
+                await context.abort(e.code, str(e))
+            except EngineStopped as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            except EngineStepError as e:
+                await context.abort(grpc.StatusCode.INTERNAL, str(e))
+            try:
+                start = time.perf_counter()
+                sent = await sender.finish(first)  # its kv.transfer span began at the announce
+                self.metrics.kv_send_seconds.observe(time.perf_counter() - start)
+                self.metrics.kv_sent_bytes.inc(sent.kv_bytes)
+            except RoomFailed as e:
+                await context.abort(e.code, str(e))
         finally:
+            sender.cancel()  # nothing once finished; else kvd fails the room on both sides
             await asyncio.shield(self.engine.release_kv(request_id))
         lp = first.new_logprobs[0] if first.new_logprobs else None
         return worker_pb2.PrefillResponse(
@@ -144,35 +150,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             raise RoomFailed.from_rpc(room, e) from None
 
     async def _first_token(self, request_id: str, prompt_ids: list[int],
-                           params: SamplingParams) -> RequestOutput:
+                           params: SamplingParams,
+                           on_kv_computed: Callable[[KvComputed], None]) -> RequestOutput:
         """Prefill for one token; the finishing output carries the KV's page ids."""
         one = dataclasses.replace(params, max_tokens=1)
-        stream = self.engine.generate(request_id, prompt_ids, one, keep_kv=True)
+        stream = self.engine.generate(request_id, prompt_ids, one, keep_kv=True,
+                                      on_kv_computed=on_kv_computed)
         async with contextlib.aclosing(stream):
             async for output in stream:
                 if output.finished:
                     assert output.kv_page_ids is not None
                     return output
         raise EngineStopped(f"request {request_id!r} ended without a token")
-
-    async def _send(self, room: str, peer_address: str,
-                    first: RequestOutput) -> kvd_pb2.SendKvResponse:
-        lp = first.new_logprobs[0] if first.new_logprobs else None
-        aux = kvd_pb2.RoomAux(first_token_id=first.new_token_ids[0],
-                              cached_tokens=first.num_cached_tokens)
-        if lp is not None:
-            aux.first_logprob = lp.logprob
-            aux.top_token_ids.extend(lp.top_token_ids)
-            aux.top_logprobs.extend(lp.top_logprobs)
-        try:
-            return await self.pd.kvd.stub.SendKv(kvd_pb2.SendKvRequest(
-                pool_id=self.pd.pool_id, room=room, page_ids=first.kv_page_ids or [],
-                peer_address=peer_address, aux=aux), metadata=tracing.grpc_metadata())
-        except grpc.aio.AioRpcError as e:
-            # FAILED_PRECONDITION: the two sides cannot share KV (layouts, page counts), so
-            # no retry will help; say so rather than UNAVAILABLE
-            raise RoomFailed.from_rpc(room, e, keep=(grpc.StatusCode.FAILED_PRECONDITION,)
-                                      ) from None
 
     async def GetLoad(self, request: worker_pb2.LoadRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.LoadResponse:
