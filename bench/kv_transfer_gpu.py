@@ -25,11 +25,21 @@ Cases (CASE_NOTES), interleaved per repetition, median of `--repeats` after `--w
 - `local_fragmented`, `nixl_fragmented`: every other page on both sides: 256 descriptors.
 - `local_one_page`, `nixl_one_page`: one page, so that e2e is mostly the control plane
   (gRPC, kvd's hand-off to its transfer thread, the decode side's notification).
-`e2e_seconds` runs from issuing SendKv ("prefill done") to ExpectKv returning ("decode has
-it"); `transfer_seconds` is the write alone as kvd timed it (SendKvResponse). Every repetition
-zeroes the destination pages first and compares every byte afterwards. Goals: local >= 0.9x,
-NIXL >= 0.8x the baseline's rate (ratio = baseline median / case median, same bytes). GB =
-1e9 bytes. Results, with the GPUs and driver, go to `--out`.
+  In the cases above `e2e_seconds` runs from issuing SendKv ("prefill done") to ExpectKv returning
+  ("decode has it"): the control plane is on the critical path.
+- `local_ahead`, `nixl_ahead`: the prefill worker's own path (services/prefill/kv_sender.py,
+  SendKvAhead). This process plays its engine: on a stream of GPU 0 it queues GPU work standing
+  in for the tail of the forward pass (PREFILL_TAIL_S of `torch.cuda._sleep`; a real
+  4,096-token forward pass of an 8B model takes ~100 ms), records an IPC event after it, sends
+  the room with that event at once, then waits for the event as the worker waits for its
+  logits. `e2e_seconds` runs from that wait returning ("prefill done": the GPU has finished the
+  KV) to "decode has it"; the first token goes out as the second message at "prefill done".
+  kvd's reads wait for the event on the GPU (local) or on its transfer thread (NIXL).
+`transfer_seconds` is the write alone as kvd timed it (SendKvResponse; the queued local copy is
+timed by CUDA events). Every repetition zeroes the destination pages first and compares every
+byte afterwards. Goals (on the prefill worker's path, the `_ahead` cases): local >= 0.9x, NIXL
+>= 0.8x the baseline's rate (ratio = baseline median / case median, same bytes). GB = 1e9
+bytes. Results, with the GPUs and driver, go to `--out`.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import shutil
 import statistics
 import subprocess
@@ -45,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -85,8 +96,15 @@ CASE_NOTES = {
     "local_one_page": "same-node path, ONE 2 MiB page: the control plane's floor (no ratio: "
                       "other bytes than the baseline's)",
     "nixl_one_page": "NIXL, ONE 2 MiB page: the control plane's floor (no ratio)",
+    "local_ahead": "the prefill worker's path, same node: SendKvAhead with the forward pass's "
+                   "event before the GPU is done, the copy waits for it on the GPU, ready event "
+                   "to the decode side; e2e from 'prefill done' (GPU finished) to 'decode has "
+                   "it'; pages one run",
+    "nixl_ahead": "the prefill worker's path through NIXL: kvd's transfer thread waits for the "
+                  "forward pass's event, then writes; e2e as local_ahead; pages one run",
 }
-GOALS = {"local_contiguous": 0.9, "nixl_contiguous": 0.8}
+GOALS = {"local_ahead": 0.9, "nixl_ahead": 0.8}
+PREFILL_TAIL_S = 0.005  # GPU work queued before "prefill done" in the `_ahead` cases
 GB = 1e9
 
 
@@ -114,15 +132,24 @@ class Kvd:
 READY_EVENTS: dict[bytes, torch.cuda.Event] = {}  # as a decode worker caches kvd's events
 
 
-def kvd_room(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[int],
-             dst: list[int], accept_event: bool = True) -> dict[str, Any]:
-    """One room as the workers run it; times as the workers see them. `accept_event`: as a
-    decode worker with a VRAM pool does (the default); "decode has it" is then when the ready
-    event kvd answered with (if any) has completed."""
-    arrived: list[float] = []
-    landed = threading.Event()
+class Expecting:
+    """The decode worker's side of one room, issued before the prefill side sends: ExpectKv
+    (accepting a ready event, as a decode worker with a VRAM pool does, unless told not to),
+    then the prefill side's AwaitBootstrap. `arrived`: when the decode side has the KV —
+    ExpectKv answered and the ready event it carried (if any) completed."""
 
-    def on_done(future: grpc.Future) -> None:
+    def __init__(self, send: Kvd, recv: Kvd, pool: str, room: str, dst: list[int],
+                 accept_event: bool) -> None:
+        self.arrived = 0.0
+        self._landed = threading.Event()
+        self._future = recv.stub.ExpectKv.future(kvd_pb2.ExpectKvRequest(
+            pool_id=pool, room=room, page_ids=dst, peer_address=send.address,
+            timeout_seconds=60, accept_ready_event=accept_event), timeout=120)
+        self._future.add_done_callback(self._on_done)
+        send.stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=room, timeout_seconds=60),
+                                 timeout=120)
+
+    def _on_done(self, future: grpc.Future) -> None:
         try:
             handle = future.result().ready_event
             if handle:
@@ -131,26 +158,85 @@ def kvd_room(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[
                     event = READY_EVENTS[handle] = torch.cuda.Event.from_ipc_handle(1, handle)
                 event.synchronize()
         finally:
-            arrived.append(time.perf_counter())
-            landed.set()
+            self.arrived = time.perf_counter()
+            self._landed.set()
 
-    expect = recv.stub.ExpectKv.future(kvd_pb2.ExpectKvRequest(
-        pool_id=pools[1], room=room, page_ids=dst, peer_address=send.address,
-        timeout_seconds=60, accept_ready_event=accept_event), timeout=120)
-    expect.add_done_callback(on_done)
-    send.stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=room, timeout_seconds=60),
-                             timeout=120)
+    def sample(self, sent: kvd_pb2.SendKvResponse, start_t: float, returned: float,
+               num_pages: int) -> dict[str, Any]:
+        """The room's times from `start_t` ("prefill done"), once the decode side has it."""
+        got = self._future.result(timeout=120)
+        assert self._landed.wait(10) and got.kv_bytes == sent.kv_bytes == num_pages * PAGE_BYTES
+        return {"e2e_seconds": self.arrived - start_t, "transfer_seconds": sent.transfer_seconds,
+                "ready_event": bool(got.ready_event),
+                "send_kv_return_seconds": returned - start_t, "kv_bytes": sent.kv_bytes,
+                "num_descriptors": sent.num_descriptors, "backend": sent.backend}
+
+
+def kvd_room(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[int],
+             dst: list[int], accept_event: bool = True) -> dict[str, Any]:
+    """One room as the workers ran it before SendKvAhead (SendKv once the first token is
+    known); times as the workers see them."""
+    expecting = Expecting(send, recv, pools[1], room, dst, accept_event)
     start_t = time.perf_counter()
     sent = send.stub.SendKv(kvd_pb2.SendKvRequest(
         pool_id=pools[0], room=room, page_ids=src, peer_address=recv.address,
         aux=kvd_pb2.RoomAux(first_token_id=7), timeout_seconds=60), timeout=120)
-    returned = time.perf_counter()
-    got = expect.result(timeout=120)
-    assert landed.wait(10) and got.kv_bytes == sent.kv_bytes == len(src) * PAGE_BYTES
-    return {"e2e_seconds": arrived[0] - start_t, "transfer_seconds": sent.transfer_seconds,
-            "ready_event": bool(got.ready_event),
-            "send_kv_return_seconds": returned - start_t, "kv_bytes": sent.kv_bytes,
-            "num_descriptors": sent.num_descriptors, "backend": sent.backend}
+    return expecting.sample(sent, start_t, time.perf_counter(), len(src))
+
+
+class Prefill:
+    """The prefill engine's side of the `_ahead` cases: its stream on GPU 0 and the IPC event
+    it records after the forward pass (reused per room, as the engine reuses its events once
+    a room's KV has been sent)."""
+
+    def __init__(self) -> None:
+        self.stream = torch.cuda.Stream(0)
+        self.event = torch.cuda.Event(interprocess=True)
+        self.cycles = int(PREFILL_TAIL_S * _sleep_cycles_per_second(self.stream))
+        self.event.record(self.stream)
+        self.handle = bytes(self.event.ipc_handle())
+
+    def forward(self) -> None:
+        """Queue the stand-in for the forward pass's tail, then the event."""
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(self.cycles)
+        self.event.record(self.stream)
+
+
+def _sleep_cycles_per_second(stream: torch.cuda.Stream) -> float:
+    """`torch.cuda._sleep` spins for a number of GPU clock cycles: how many make a second
+    (timed with CUDA events, at the clock the GPU runs now)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(1_000_000)  # clocks up
+        start.record(stream)
+        torch.cuda._sleep(20_000_000)
+        end.record(stream)
+    end.synchronize()
+    return 20_000_000 / (start.elapsed_time(end) / 1e3)
+
+
+def kvd_room_ahead(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[int],
+                   dst: list[int], prefill: Prefill) -> dict[str, Any]:
+    """One room as the prefill worker sends it now (SendKvAhead; see the module doc)."""
+    expecting = Expecting(send, recv, pools[1], room, dst, accept_event=True)
+    first_token: queue.Queue[kvd_pb2.SendKvPart] = queue.Queue()
+
+    def parts() -> Iterator[kvd_pb2.SendKvPart]:
+        yield kvd_pb2.SendKvPart(request=kvd_pb2.SendKvRequest(
+            pool_id=pools[0], room=room, page_ids=src, peer_address=recv.address,
+            timeout_seconds=60, source_ready_event=prefill.handle))
+        yield first_token.get(timeout=60)
+
+    prefill.forward()
+    issued = time.perf_counter()
+    sent_future = send.stub.SendKvAhead.future(parts(), timeout=120)
+    prefill.event.synchronize()  # the worker's wait for its logits
+    start_t = time.perf_counter()
+    first_token.put(kvd_pb2.SendKvPart(aux=kvd_pb2.RoomAux(first_token_id=7)))
+    sent = sent_future.result(timeout=120)
+    return {**expecting.sample(sent, start_t, time.perf_counter(), len(src)),
+            "tail_seconds": start_t - issued}
 
 
 def verify(src: torch.Tensor, dst: torch.Tensor, pages: tuple[list[int], list[int]],
@@ -180,6 +266,9 @@ def summarize(samples: list[dict[str, Any]], baseline: list[float]) -> dict[str,
                 "num_descriptors": samples[0]["num_descriptors"],
                 "backend": samples[0]["backend"],
                 "answered_with_ready_event": samples[0]["ready_event"]}
+        if "tail_seconds" in samples[0]:  # sent ahead: how long the GPU still ran after
+            out["prefill_tail_median_seconds"] = statistics.median(
+                s["tail_seconds"] for s in samples)
         if same_bytes:
             out["transfer_ratio_vs_baseline"] = statistics.median(baseline) / write
     return out
@@ -234,19 +323,28 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             block.zero_()
             return {"e2e_seconds": seconds}
 
+        prefill = Prefill()
+
         def through(kvd: Kvd, pool: str, dst: torch.Tensor, pages: tuple[list[int], list[int]],
-                    name: str, accept_event: bool = True) -> Callable[[int], dict[str, Any]]:
+                    name: str, accept_event: bool = True, ahead: bool = False
+                    ) -> Callable[[int], dict[str, Any]]:
             def once(rep: int) -> dict[str, Any]:
                 dst[pages[1]] = 0
                 torch.cuda.synchronize(1)
-                sample = kvd_room(a, kvd, (prefill_id, pool), f"{name}-{rep}", *pages,
-                                  accept_event=accept_event)
+                if ahead:
+                    sample = kvd_room_ahead(a, kvd, (prefill_id, pool), f"{name}-{rep}", *pages,
+                                            prefill)
+                else:
+                    sample = kvd_room(a, kvd, (prefill_id, pool), f"{name}-{rep}", *pages,
+                                      accept_event=accept_event)
                 verify(src, dst, pages, f"{name} repetition {rep}")
                 return sample
             return once
 
         cases: dict[str, Callable[[int], dict[str, Any]]] = {
             "torch_peer_copy": lambda rep: baseline(),
+            "local_ahead": through(a, local_id, dst_local, CONTIG, "local_ahead", ahead=True),
+            "nixl_ahead": through(b, nixl_id, dst_nixl, CONTIG, "nixl_ahead", ahead=True),
             "local_contiguous": through(a, local_id, dst_local, CONTIG, "local_contiguous"),
             "local_contiguous_no_event": through(a, local_id, dst_local, CONTIG,
                                                  "local_contiguous_no_event", False),
