@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 
-from services.common.proto.tandem.v1 import worker_pb2, worker_pb2_grpc
+from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.shm import unlink_segment
 from tests.pd.harness import (
     Node,
@@ -309,14 +309,16 @@ def test_prefill_kvd_killed(cluster):
     prompts = _prompts([12, 24, 36, 48], 5)
 
     async def run():
+        rooms = [_room() for _ in prompts]
         decodes = [asyncio.create_task(_outcome(decode_leg(
-            c.decode, pd_request(p, 8), _room(), c.p.kvd_address, timeout=30), 0.0))
-            for p in prompts]
-
-        async def all_waiting():
-            return (await kvd_stats(c.d)).open_rooms == len(prompts)
-
-        await _until(all_waiting, 10, "the decode legs to wait for their KV")
+            c.decode, pd_request(p, 8), room, c.p.kvd_address, timeout=30), 0.0))
+            for p, room in zip(prompts, rooms, strict=True)]
+        # every room bootstrapped at the prefill kvd: a kill now can only be seen by heartbeats
+        async with grpc.aio.insecure_channel(f"unix:{c.p.socket}") as ch:
+            stub = kvd_pb2_grpc.KvdServiceStub(ch)
+            await asyncio.gather(*(stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(
+                room=room, timeout_seconds=10), timeout=15) for room in rooms))
+        await asyncio.sleep(0.2)  # and the Bootstrap's answers back at the decode kvd
         await c.kill_kvd(c.p)
         t_kill = time.monotonic()
         return [(code, d, t - t_kill) for code, d, t in await asyncio.gather(*decodes)]
