@@ -34,7 +34,7 @@ Cases (CASE_NOTES), interleaved per repetition, median of `--repeats` after `--w
   the room with that event at once, then waits for the event as the worker waits for its
   logits. `e2e_seconds` runs from that wait returning ("prefill done": the GPU has finished the
   KV) to "decode has it"; the first token goes out as the second message at "prefill done".
-  kvd's reads wait for the event on the GPU (local) or on its transfer thread (NIXL).
+  kvd waits for the event on a thread of its own (polling it) before it reads the pages.
 `transfer_seconds` is the write alone as kvd timed it (SendKvResponse; the queued local copy is
 timed by CUDA events). Every repetition zeroes the destination pages first and compares every
 byte afterwards. Goals (on the prefill worker's path, the `_ahead` cases): local >= 0.9x, NIXL
@@ -97,11 +97,11 @@ CASE_NOTES = {
                       "other bytes than the baseline's)",
     "nixl_one_page": "NIXL, ONE 2 MiB page: the control plane's floor (no ratio)",
     "local_ahead": "the prefill worker's path, same node: SendKvAhead with the forward pass's "
-                   "event before the GPU is done, the copy waits for it on the GPU, ready event "
-                   "to the decode side; e2e from 'prefill done' (GPU finished) to 'decode has "
-                   "it'; pages one run",
-    "nixl_ahead": "the prefill worker's path through NIXL: kvd's transfer thread waits for the "
-                  "forward pass's event, then writes; e2e as local_ahead; pages one run",
+                   "event before the GPU is done, kvd polls the event on a thread, then queues "
+                   "the copy, ready event to the decode side; e2e from 'prefill done' (GPU "
+                   "finished) to 'decode has it'; pages one run",
+    "nixl_ahead": "the prefill worker's path through NIXL: kvd polls the forward pass's event, "
+                  "then writes; e2e as local_ahead; pages one run",
 }
 GOALS = {"local_ahead": 0.9, "nixl_ahead": 0.8}
 PREFILL_TAIL_S = 0.005  # GPU work queued before "prefill done" in the `_ahead` cases

@@ -230,6 +230,16 @@ def event_synchronize(event: Any) -> None:
     _call("cudaEventSynchronize", runtime().cudaEventSynchronize(event))
 
 
+def event_query(event: Any) -> bool:
+    """Whether the event's last record has completed (never waits)."""
+    rt = runtime()
+    (err,) = rt.cudaEventQuery(event)
+    if err == rt.cudaError_t.cudaErrorNotReady:
+        return False
+    _call("cudaEventQuery", (err,))
+    return True
+
+
 def event_destroy(event: Any) -> None:
     _call("cudaEventDestroy", runtime().cudaEventDestroy(event))
 

@@ -13,7 +13,8 @@ Contract (all on kvd's asyncio loop; blocking writes run on the transfer threads
   later; the transfer starts at once and the decode side is told only once the aux is there
   too (at most a waiting timeout; a send whose aux never comes fails the room on both sides).
   A `source_ready_event` (VRAM pools only) orders the reads after the prefill's forward pass:
-  the same-node copy's stream waits on it, a transfer thread waits for it before writing.
+  kvd waits for it on a thread of its own (source_events.py) before it reads anything, and
+  gives up when the send is cancelled or the waiting timeout passes.
 - Same node, GPU to GPU, when the decode worker set `accept_ready_event`: the copies are queued
   (on the loop thread, bypassing the transfer queues), the decode side is answered at once
   (once the aux is known) with the CUDA IPC event that completes after them, and SendKv
@@ -26,13 +27,14 @@ way out, so every pool's accounting returns to its baseline.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
+from services.common import cudart
 from services.common.proto.tandem.v1 import kvd_pb2
 from services.kvd.backends.base import TransferBackend, TransferError
 from services.kvd.backends.local_backend import LocalBackend, QueuedCopy
@@ -47,7 +49,7 @@ from services.kvd.pools import (
     check_page_ids,
     coalesce,
 )
-from services.kvd.source_events import SourceEvents
+from services.kvd.source_events import SourceEvents, SourceNotReady
 from services.kvd.transfer import TransferJob, TransferQueues, until_done
 
 logger = logging.getLogger(__name__)
@@ -395,7 +397,7 @@ class KvdCore:
         RoomError set on it fails the room), instead of in `req.aux`."""
         pool = self._pool(req.pool_id)
         page_ids = list(req.page_ids)
-        source = self._source_event(req, pool)
+        source = self._source_device(req, pool)
         self.pools.pin(pool, req.room, page_ids, write=False)
         self.counters.open_sends += 1
         future = self._boot_future(req.room)
@@ -425,20 +427,41 @@ class KvdCore:
                 del self._bootstraps[req.room]
             self.pools.unpin(pool, req.room)
 
-    def _source_event(self, req: kvd_pb2.SendKvRequest, pool: Pool) -> Any:
-        """The opened `source_ready_event`, or None when the request has none."""
+    def _source_device(self, req: kvd_pb2.SendKvRequest, pool: Pool) -> int | None:
+        """kvd's GPU of the pool whose `source_ready_event` the request names, or None when it
+        names none."""
         if not req.source_ready_event:
             return None
         if pool.memory.device is None:
             raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: source_ready_event names a "
                             f"CUDA event, but pool {pool.pool_id} is in host memory")
+        if len(req.source_ready_event) != cudart.IPC_HANDLE_BYTES:
+            raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: source_ready_event has "
+                            f"{len(req.source_ready_event)} bytes, a CUDA IPC event handle "
+                            f"{cudart.IPC_HANDLE_BYTES}")
+        return pool.memory.device
+
+    async def _await_source(self, req: kvd_pb2.SendKvRequest, device: int) -> None:
+        """Until the prefill's forward pass has finished the pages (see source_events.py)."""
+        timeout = self.settings.waiting_timeout
+        abandoned = threading.Event()
         try:
-            return self.source_events.open(req.source_ready_event, pool.memory.device)
+            await asyncio.wrap_future(self.source_events.wait(
+                req.source_ready_event, device, abandoned, time.monotonic() + timeout))
+        except asyncio.CancelledError:
+            abandoned.set()  # the thread stops polling; nothing reads the pages from now on
+            raise
+        except SourceNotReady as e:
+            raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: {e} (waited up to "
+                            f"{timeout:g}s)", "timeout") from None
         except ValueError as e:
             raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: {e}") from None
+        except cudart.CudaError as e:
+            raise RoomError("UNAVAILABLE", f"room {req.room!r}: waiting for the prefill's "
+                            f"source_ready_event failed: {e}", "backend_error") from None
 
     async def _push(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
-                    boot: kvd_pb2.BootstrapRequest, source: Any,
+                    boot: kvd_pb2.BootstrapRequest, source: int | None,
                     aux: asyncio.Future[kvd_pb2.RoomAux] | None) -> kvd_pb2.SendKvResponse:
         """Write the room's KV and report to the decode side — an error too, so that it
         fails (and frees its pages) at once instead of waiting out its timeout."""
@@ -448,9 +471,11 @@ class KvdCore:
         done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux)
         told = False  # the decode side has its answer already (a queued copy's ready event)
         try:
-            job, num_runs = self._job(req, pool, page_ids, boot, known, source)
+            job, num_runs = self._job(req, pool, page_ids, boot, known)
             done.kv_bytes = job.num_bytes
-            queued = self._queue_copy(req.room, job, source) if is_local else None
+            if source is not None:
+                await self._await_source(req, source)
+            queued = self._queue_copy(req.room, job) if is_local else None
             if queued is not None:
                 seconds, told = await self._finish_queued(req.room, done, queued, aux)
                 shard = self.queues.shard_of(self.kvd_id)
@@ -497,7 +522,7 @@ class KvdCore:
             raise RoomError("DEADLINE_EXCEEDED", f"room {room!r}: the prefill worker sent no "
                             f"first token within {timeout:g}s of its KV", "timeout") from None
 
-    def _queue_copy(self, room: str, job: TransferJob, source: Any) -> QueuedCopy | None:
+    def _queue_copy(self, room: str, job: TransferJob) -> QueuedCopy | None:
         """Queue the same-node GPU copies of a room whose decode worker accepts a ready event;
         None when that does not apply (the transfer queues then write it)."""
         recv = self._recv.get(room)
@@ -505,7 +530,7 @@ class KvdCore:
                 or not isinstance(job.backend, LocalBackend)):
             return None
         try:
-            return job.backend.write_async(job.peer, job.src, job.dst_addrs, after=source)
+            return job.backend.write_async(job.peer, job.src, job.dst_addrs)
         except TransferError as e:
             raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
 
@@ -534,11 +559,24 @@ class KvdCore:
             logger.error("room %s: a queued GPU copy failed after the decode side was told it "
                          "would complete: %s", room, e)
             raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
-        except BaseException:
+        except BaseException as e:
+            if not told:  # the decode side hears of it now; its pages stay pinned until landed
+                self._fail_recv(done, e)
             if not landing.done():  # the source pages are read until the copies are done
                 await asyncio.wait({landing})
             raise
         return seconds, told
+
+    def _fail_recv(self, done: kvd_pb2.TransferDoneRequest, error: BaseException) -> None:
+        """Tell this kvd's receiving side of `done.room` that its KV will not come."""
+        failed = kvd_pb2.TransferDoneRequest()
+        failed.CopyFrom(done)
+        failed.error = (str(error) if not isinstance(error, asyncio.CancelledError)
+                        else f"room {done.room!r}: the prefill side gave up")
+        try:
+            self.on_transfer_done(failed)
+        except RoomError as e:
+            logger.warning("TransferDone for room %s here failed: %s", done.room, e)
 
     async def _notify(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
                       raise_errors: bool = False) -> None:
@@ -560,8 +598,7 @@ class KvdCore:
         await asyncio.sleep(0)
 
     def _job(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
-             boot: kvd_pb2.BootstrapRequest, known: _KnownPeer,
-             source: Any) -> tuple[TransferJob, int]:
+             boot: kvd_pb2.BootstrapRequest, known: _KnownPeer) -> tuple[TransferJob, int]:
         why = pool.layout.mismatch(PoolLayout.from_proto(boot.layout))
         if why:
             raise RoomError("FAILED_PRECONDITION", f"room {req.room!r}: KV layouts differ: {why}",
@@ -577,8 +614,6 @@ class KvdCore:
             backend, known.handle,
             [(pool.page_addr(s), n * page_bytes) for s, _, n in runs],
             [boot.pool_base_addr + d * page_bytes for _, d, n in runs],
-            wait_source=(functools.partial(_wait_for_event, source)
-                         if source is not None else None),
         )
         return job, len(runs)
 
@@ -619,12 +654,3 @@ async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
             raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not take "
                             f"the KV: {e.code().name}: {e.details()}", "notify_failed") from None
 
-
-def _wait_for_event(event: Any) -> None:
-    """On a transfer thread: until the source pages are complete (TransferError if not)."""
-    from services.common import cudart
-
-    try:
-        cudart.event_synchronize(event)
-    except cudart.CudaError as e:
-        raise TransferError(f"waiting for the prefill's source_ready_event failed: {e}") from e

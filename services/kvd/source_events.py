@@ -1,52 +1,111 @@
 """The CUDA IPC events prefill workers send with their KV (`SendKvRequest.source_ready_event`).
 
 A prefill worker may send a room before its GPU has finished computing the KV: it records an
-interprocess event on its stream after the forward pass and names it in the request. kvd opens
-the event once per handle (a worker reuses a handful) and orders its reads of the source pages
-after the event's latest record: the same-node copy makes its stream wait on it, a network
-write waits for it on the transfer thread first.
+interprocess event on its stream after the forward pass and names it in the request. kvd waits
+for that event on the host, on a thread of its own, and only then reads the pages.
 
-Contract (`open` on kvd's event loop; the events it returns are used on any thread):
-`open(handle, device)` returns the event opened in this process on `device` (kvd's index of the
-source pool's GPU), or raises `ValueError` for a handle that is not one (wrong size, or CUDA
-refuses it). At most `capacity` events stay open: the least recently used is destroyed first
-(CUDA defers that until work already waiting on it is done). `close()` destroys them all.
+Why on the host, not with a stream waiting on the event: if the worker dies before its forward
+pass ends, the event may never complete, and a kvd stream waiting on it would hold every later
+copy queued behind it forever; a stream of another GPU waiting on an opened interprocess event
+even crashed kvd (H100, driver 580.159.04, CUDA 13.0). A host wait can give up.
+
+Contract: `wait(handle, device, abandoned, deadline)` (a concurrent Future, on this object's
+threads; at most MAX_WAITS run at once, more queue) opens the event — once per handle and
+device; at most `capacity` stay open, the least recently used destroyed first — and resolves
+once its latest record has completed, polling every POLL_S. It fails with `SourceNotReady` if
+`abandoned` is set first (the send was cancelled: the caller must not read the pages
+afterwards) or the monotonic `deadline` passes, `ValueError` for a handle CUDA refuses, and
+`cudart.CudaError` if CUDA fails the query. `close()` ends every wait and destroys the events
+(unless a thread is stuck in CUDA past `timeout`: those are left to the process's exit).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from services.common import cudart
+
+POLL_S = 50e-6  # between two queries of an event not yet complete (Linux sleeps ~60-100 us)
+MAX_WAITS = 64  # threads; a room holds one for the rest of its prefill's forward pass
+
+
+class SourceNotReady(Exception):
+    """The wait ended without the event completing; the message says why."""
 
 
 class SourceEvents:
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = capacity
         self._open: OrderedDict[tuple[int, bytes], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(MAX_WAITS, thread_name_prefix="kv-source")
+        self._closing = threading.Event()
+        self._active = 0  # waits running (guarded by _lock)
 
-    def open(self, handle: bytes, device: int) -> Any:
-        key = (device, handle)
-        event = self._open.get(key)
-        if event is not None:
-            self._open.move_to_end(key)
-            return event
+    def wait(self, handle: bytes, device: int, abandoned: threading.Event,
+             deadline: float) -> Future[None]:
+        return self._threads.submit(self._wait, handle, device, abandoned, deadline)
+
+    def _wait(self, handle: bytes, device: int, abandoned: threading.Event,
+              deadline: float) -> None:
+        with self._lock:
+            self._active += 1
         try:
-            event = cudart.ipc_event_open(device, handle)
+            event = self._event(handle, device)
+            while not cudart.event_query(event):
+                if abandoned.is_set() or self._closing.is_set():
+                    raise SourceNotReady("the send was abandoned before the prefill's KV was "
+                                         "ready")
+                if time.monotonic() > deadline:
+                    raise SourceNotReady("the prefill's forward pass did not finish in time")
+                time.sleep(POLL_S)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _event(self, handle: bytes, device: int) -> Any:
+        """The opened event; opened outside the lock (a CUDA call that may take a while must
+        not hold up the other waits)."""
+        key = (device, handle)
+        with self._lock:
+            event = self._open.get(key)
+            if event is not None:
+                self._open.move_to_end(key)
+                return event
+        try:
+            opened = cudart.ipc_event_open(device, handle)
         except cudart.CudaError as e:
             raise ValueError(f"source_ready_event is not an event kvd can open on its GPU "
                              f"{device}: {e}") from None
-        self._open[key] = event
-        while len(self._open) > self.capacity:
-            _, oldest = self._open.popitem(last=False)
-            cudart.event_destroy(oldest)
+        evicted = []
+        with self._lock:
+            event = self._open.setdefault(key, opened)
+            while len(self._open) > self.capacity:
+                evicted.append(self._open.popitem(last=False)[1])
+        if event is not opened:  # another thread opened it meanwhile
+            evicted.append(opened)
+        for old in evicted:
+            cudart.event_destroy(old)
         return event
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def close(self) -> None:
-        events, self._open = list(self._open.values()), OrderedDict()
+    def close(self, timeout: float = 1.0) -> None:
+        self._closing.set()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._active == 0:
+                    events, self._open = list(self._open.values()), OrderedDict()
+                    break
+            if time.monotonic() > deadline:
+                return  # a thread is stuck in CUDA: leave its event to the process's exit
+            time.sleep(0.01)
         for event in events:
             cudart.event_destroy(event)

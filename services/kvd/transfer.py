@@ -4,9 +4,7 @@ Contract: `submit(shard_key, job)` puts the job on queue `hash(shard_key) % queu
 key is the destination kvd, so transfers to different decode nodes share the threads and the
 bandwidth, and those to one node keep their order) and returns a concurrent future resolving to
 the seconds the write took, or raising `TransferError`. With `SGLANG_DISAGGREGATION_QUEUE_SIZE=1`
-every job goes through one queue, first come first served. A job with `wait_source` calls it on
-its thread before writing (it blocks until the source pages are complete, e.g. a CUDA event of
-the prefill's forward pass); the seconds returned count the write alone. The threads of
+every job goes through one queue, first come first served. The threads of
 `SGLANG_DISAGGREGATION_THREAD_POOL_SIZE` are split evenly across the queues (at least one each).
 `until_done(future)` awaits such a future (or an asyncio one) from the event loop; a
 cancellation drops a job not yet started but waits for one already running.
@@ -17,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +28,6 @@ class TransferJob:
     peer: str  # backend peer handle
     src: list[tuple[int, int]]  # (local address, length) per descriptor
     dst_addrs: list[int]  # peer address per descriptor
-    wait_source: Callable[[], None] | None = None  # blocks until the source pages are complete
 
     @property
     def num_bytes(self) -> int:
@@ -54,8 +50,6 @@ class TransferQueues:
         return self._shards[shard].submit(self._run, job), shard
 
     def _run(self, job: TransferJob) -> float:
-        if job.wait_source is not None:
-            job.wait_source()
         start = time.perf_counter()
         job.backend.write(job.peer, job.src, job.dst_addrs)
         return time.perf_counter() - start

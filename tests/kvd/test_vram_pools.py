@@ -74,7 +74,9 @@ def _worker(tmp: Path, sock: str, worker: str, gpu: int, num_pages: int, seed: i
         time.sleep(0.1)
     if then == "exit":
         assert proc.wait(60) == 0, (tmp / f"{worker}-{seed}.log").read_text()[-2000:]
-    pool_id, handle = ready.read_text().split()
+    pool_id, handle, *event = ready.read_text().split()
+    if then == "forward":
+        return proc, pool_id, bytes.fromhex(event[0])  # the event's handle, not the pool's
     return proc, pool_id, bytes.fromhex(handle)
 
 
@@ -332,6 +334,62 @@ def test_source_ready_event_orders_kvd_reads_after_the_prefill_stream(tmp_path, 
         del src, dst
         src_map.close()
         dst_map.close()
+        codes = [stop(proc) for proc, _, _ in {k[1]: k for k in kvds}.values()]
+    assert codes == [0] * len(codes)
+
+
+@pytest.mark.parametrize("path", ["local_ready_event", "nixl"])
+def test_a_prefill_killed_mid_forward_after_sending_ahead_wedges_nothing(tmp_path, path):
+    """A prefill worker announces a room with its forward pass's event, then dies before the
+    pass ends (its call to kvd goes with it). kvd must not stay stuck behind that event: the
+    room fails, nothing stays pinned, and the next room from the same GPU moves at once."""
+    kvd_a = start_kvd(tmp_path, "a", "nixl")
+    kvds = (kvd_a, kvd_a) if path != "nixl" else (kvd_a, start_kvd(tmp_path, "b", "nixl"))
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = kvds
+    a, b = _stub(sock_a), _stub(sock_b)
+    worker, pool_id, event = _worker(tmp_path, sock_a, "prefill-dies", 0, 64, 3, "forward")
+    dst_reply = _attach(b, f"decode-dies-{path}", 1, 64)
+    ahead = path == "local_ready_event"
+
+    def expect(room: str) -> grpc.Future:
+        return b.ExpectKv.future(kvd_pb2.ExpectKvRequest(
+            pool_id=dst_reply.pool_id, room=room, page_ids=[1, 2], peer_address=addr_a,
+            timeout_seconds=30, accept_ready_event=ahead), timeout=60)
+
+    try:
+        doomed = expect("doomed")
+        first_token: list[kvd_pb2.SendKvPart] = []  # never sent: the worker dies first
+
+        def parts():
+            yield kvd_pb2.SendKvPart(request=kvd_pb2.SendKvRequest(
+                pool_id=pool_id, room="doomed", page_ids=[5, 6], peer_address=addr_b,
+                timeout_seconds=30, source_ready_event=event))
+            while not first_token:
+                time.sleep(0.05)
+            yield first_token[0]
+
+        call = a.SendKvAhead.future(parts(), timeout=60)
+        time.sleep(1.0)  # kvd has the request and is waiting for the event
+        kill(worker)
+        call.cancel()  # the dead worker's connection
+        with pytest.raises(grpc.RpcError) as e:
+            doomed.result(timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        later = expect("later")  # from the same pool, no event: must not queue behind it
+        sent = a.SendKv(kvd_pb2.SendKvRequest(
+            pool_id=pool_id, room="later", page_ids=[7, 8], peer_address=addr_b,
+            aux=kvd_pb2.RoomAux(first_token_id=4), timeout_seconds=30), timeout=20)
+        assert later.result(timeout=20).aux.first_token_id == 4 and sent.kv_bytes > 0
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                _assert_nothing_pinned(a, b)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "pages stayed pinned behind the dead event"
+                time.sleep(0.2)
+    finally:
+        kill(worker)
         codes = [stop(proc) for proc, _, _ in {k[1]: k for k in kvds}.values()]
     assert codes == [0] * len(codes)
 

@@ -1,9 +1,11 @@
 """A worker-like process for the VRAM pool tests: attaches to a kvd's GPU pool through the real
 client path (KvdClient.attach with a GPU placement -> CUDA IPC -> the engine's KVPool view),
 writes a seeded pattern over the whole pool, then exits (closing its mapping) or waits to be
-killed.
+killed — with `forward`, after queuing ~60 s of GPU work and an interprocess event behind it
+(a forward pass that will not end before the test kills the process; the event's IPC handle
+goes into the ready file, third).
 
-    python -m tests.kvd.vram_worker SOCKET WORKER_ID GPU NUM_PAGES SEED READY_FILE exit|wait
+    python -m tests.kvd.vram_worker SOCKET WORKER_ID GPU NUM_PAGES SEED READY_FILE exit|wait|forward
 """
 
 from __future__ import annotations
@@ -35,8 +37,15 @@ async def _main(socket: str, worker_id: str, gpu: int, num_pages: int, seed: int
     raw = pool.data.view(-1).view(torch.uint8)  # [total_bytes]
     raw.copy_(pattern(raw.numel(), seed, pool.device))
     torch.cuda.synchronize(gpu)
-    ready.write_text(f"{reply.pool_id} {reply.cuda_ipc_handle.hex()}\n")
-    if then == "wait":
+    event_hex = ""
+    if then == "forward":
+        stream, event = torch.cuda.Stream(gpu), torch.cuda.Event(interprocess=True)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(1 << 62)  # far longer than the test lives
+        event.record(stream)
+        event_hex = bytes(event.ipc_handle()).hex()
+    ready.write_text(f"{reply.pool_id} {reply.cuda_ipc_handle.hex()} {event_hex}\n")
+    if then in ("wait", "forward"):
         time.sleep(3600)  # the test kills this process
     del pool, raw
     memory.close()

@@ -16,11 +16,7 @@ faster than an SM copy kernel (333-347 GB/s); cutting it over four streams gaine
 
 Queued copies (`write_async`, GPU to GPU only). The copies are queued on the calling thread's
 stream of the source GPU, and an interprocess CUDA event is recorded after them on a stream of
-the destination GPU (which waits for them). The copies may first wait for an event of the
-process that writes the source pages (`after`: the prefill's forward pass), which is why the
-source GPU drives them: a stream of another GPU waiting on an interprocess event opened here
-crashed kvd (segfault in the driver; H100, driver 580.159.04, CUDA 13.0), while a stream of
-the event's own GPU waits on it fine. The call returns at once with a `QueuedCopy`: its
+the destination GPU (which waits for them). The call returns at once with a `QueuedCopy`: its
 `ready_event` (the event's IPC handle) lets another process order its own GPU work after the
 copies, and `wait()` blocks until they are done. An event goes back to the pool only after
 `wait()` saw its copies complete, so a process that waits on a handle late waits at worst on
@@ -114,12 +110,10 @@ class LocalBackend:
             self._copy_on_gpus(src_addrs[~on_host], lengths[~on_host], dsts[~on_host],
                                gpu[~on_host])
 
-    def write_async(self, peer: str, src: list[tuple[int, int]], dst_addrs: list[int],
-                    after: Any = None) -> QueuedCopy | None:
+    def write_async(self, peer: str, src: list[tuple[int, int]],
+                    dst_addrs: list[int]) -> QueuedCopy | None:
         """Queue a GPU-to-GPU write (see the module doc); None when it is not one — some range
-        in host memory, or sources or destinations on more than one GPU: use `write`.
-        `after`: a CUDA event (any process's, opened here) whose latest record the copies wait
-        for — the source pages are complete only then."""
+        in host memory, or sources or destinations on more than one GPU: use `write`."""
         src_addrs, lengths, dsts, src_gpu, dst_gpu = self._plan(peer, src, dst_addrs)
         if len(lengths) == 0 or (src_gpu == HOST).any() or (dst_gpu == HOST).any():
             return None
@@ -129,10 +123,8 @@ class LocalBackend:
         from services.common import cudart
 
         source, dest = int(devices[0][0]), int(devices[1][0])
-        copying = self._stream(source)  # pushed by the source GPU (see the module doc)
+        copying = self._stream(source)
         try:
-            if after is not None:
-                cudart.stream_wait_event(copying, after)
             ready = self._take_event(source, dest)
             cudart.event_record(ready.started, copying)
             for s, n, d in zip(src_addrs.tolist(), lengths.tolist(), dsts.tolist(), strict=True):
@@ -274,7 +266,7 @@ class _IpcEvent:
     dest: int
     event: Any
     handle: bytes  # the ready event's CUDA IPC handle
-    started: Any = None  # recorded before the copies (after any wait for the source)
+    started: Any = None  # recorded before the copies
     copied: Any = None  # recorded after them
     order: Any = None  # recorded after them too, for the destination GPU's stream
 
@@ -282,7 +274,7 @@ class _IpcEvent:
 class QueuedCopy:
     """GPU copies queued by `LocalBackend.write_async`. `ready_event`: the IPC handle of the
     event recorded after them. `wait()`: block until they are done and return the seconds the
-    copies took on the GPU (not counting a wait for the source); raises `TransferError`. Call
+    copies took on the GPU; raises `TransferError`. Call
     it exactly once: it also returns the events to the backend's pool."""
 
     def __init__(self, backend: LocalBackend, ready: _IpcEvent) -> None:

@@ -1,0 +1,90 @@
+"""SourceEvents' waiting contract with CUDA stood in for (the GPU behaviour is
+tests/kvd/test_vram_pools.py): an event that completes ends the wait; an abandoned send or a
+passed deadline ends it without; each handle is opened once; close destroys what was opened
+once no wait runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from services.common import cudart
+from services.kvd.source_events import SourceEvents, SourceNotReady
+
+
+class FakeCuda:
+    def __init__(self, monkeypatch) -> None:
+        self.opened: list[bytes] = []
+        self.destroyed: list[object] = []
+        self.done: set[bytes] = set()
+        monkeypatch.setattr(cudart, "ipc_event_open", self.open)
+        monkeypatch.setattr(cudart, "event_query", lambda event: event in self.done)
+        monkeypatch.setattr(cudart, "event_destroy", self.destroyed.append)
+
+    def open(self, device: int, handle: bytes) -> bytes:
+        if handle.startswith(b"bad"):
+            raise cudart.CudaError("cudaIpcOpenEventHandle failed: cudaErrorInvalidValue")
+        self.opened.append(handle)
+        return handle  # the "event" is its handle
+
+
+H1, H2 = b"1" * 64, b"2" * 64
+
+
+def test_a_wait_ends_when_the_event_completes_and_opens_each_handle_once(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    events = SourceEvents()
+    never = threading.Event()
+    waiting = events.wait(H1, 0, never, time.monotonic() + 10)
+    time.sleep(0.05)
+    assert not waiting.done()
+    cuda.done.add(H1)
+    waiting.result(timeout=5)
+    events.wait(H1, 0, never, time.monotonic() + 10).result(timeout=5)
+    assert cuda.opened == [H1] and len(events) == 1
+    events.close()
+    assert cuda.destroyed == [H1]
+
+
+def test_abandoned_or_late_waits_end_without_the_event(monkeypatch):
+    FakeCuda(monkeypatch)
+    events = SourceEvents()
+    abandoned = threading.Event()
+    waiting = events.wait(H1, 0, abandoned, time.monotonic() + 60)
+    time.sleep(0.05)
+    start = time.monotonic()
+    abandoned.set()
+    with pytest.raises(SourceNotReady, match="abandoned"):
+        waiting.result(timeout=5)
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(SourceNotReady, match="did not finish"):
+        events.wait(H2, 0, threading.Event(), time.monotonic() + 0.1).result(timeout=5)
+    events.close()
+
+
+def test_a_handle_cuda_refuses_is_a_value_error(monkeypatch):
+    FakeCuda(monkeypatch)
+    events = SourceEvents()
+    with pytest.raises(ValueError, match="not an event kvd can open"):
+        events.wait(b"bad" + b"0" * 61, 0, threading.Event(), time.monotonic() + 5).result(5)
+    events.close()
+
+
+def test_close_ends_running_waits_and_least_recently_used_events_go_first(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    events = SourceEvents(capacity=2)
+    cuda.done.update({H1, H2})
+    for handle in (H1, H2, H1):
+        events.wait(handle, 0, threading.Event(), time.monotonic() + 5).result(5)
+    h3 = b"3" * 64
+    cuda.done.add(h3)
+    events.wait(h3, 0, threading.Event(), time.monotonic() + 5).result(5)
+    assert cuda.destroyed == [H2]  # H1 was used more recently
+    pending = events.wait(b"4" * 64, 0, threading.Event(), time.monotonic() + 60)
+    time.sleep(0.05)
+    events.close()
+    with pytest.raises(SourceNotReady):
+        pending.result(timeout=5)
+    assert sorted(cuda.destroyed) == sorted([H2, H1, h3, b"4" * 64])
