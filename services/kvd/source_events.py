@@ -11,7 +11,8 @@ even crashed kvd (H100, driver 580.159.04, CUDA 13.0). A host wait can give up.
 
 Contract: `wait(handle, device, abandoned, deadline)` (a concurrent Future, on this object's
 threads; at most MAX_WAITS run at once, more queue) opens the event — once per handle and
-device; at most `capacity` stay open, the least recently used destroyed first — and resolves
+device; at most `capacity` stay open, the least recently used one no wait is polling destroyed
+first — and resolves
 once its latest record has completed, polling every POLL_S. It fails with `SourceNotReady` if
 `abandoned` is set first (the send was cancelled: the caller must not read the pages
 afterwards) or the monotonic `deadline` passes, `ValueError` for a handle CUDA refuses, and
@@ -45,6 +46,7 @@ class SourceEvents:
         self._threads = ThreadPoolExecutor(MAX_WAITS, thread_name_prefix="kv-source")
         self._closing = threading.Event()
         self._active = 0  # waits running (guarded by _lock)
+        self._polled: dict[tuple[int, bytes], int] = {}  # key -> waits polling it (_lock)
 
     def wait(self, handle: bytes, device: int, abandoned: threading.Event,
              deadline: float) -> Future[None]:
@@ -52,10 +54,11 @@ class SourceEvents:
 
     def _wait(self, handle: bytes, device: int, abandoned: threading.Event,
               deadline: float) -> None:
+        key = (device, handle)
         with self._lock:
             self._active += 1
         try:
-            event = self._event(handle, device)
+            event = self._event(key)
             while not cudart.event_query(event):
                 if abandoned.is_set() or self._closing.is_set():
                     raise SourceNotReady("the send was abandoned before the prefill's KV was "
@@ -66,16 +69,21 @@ class SourceEvents:
         finally:
             with self._lock:
                 self._active -= 1
+                if key in self._polled:
+                    self._polled[key] -= 1
+                    if not self._polled[key]:
+                        del self._polled[key]
 
-    def _event(self, handle: bytes, device: int) -> Any:
-        """The opened event; opened outside the lock (a CUDA call that may take a while must
-        not hold up the other waits)."""
-        key = (device, handle)
+    def _event(self, key: tuple[int, bytes]) -> Any:
+        """The opened event, marked as polled (the caller unmarks it). Opened outside the lock:
+        a CUDA call that may take a while must not hold up the other waits."""
         with self._lock:
             event = self._open.get(key)
             if event is not None:
                 self._open.move_to_end(key)
+                self._polled[key] = self._polled.get(key, 0) + 1
                 return event
+        device, handle = key
         try:
             opened = cudart.ipc_event_open(device, handle)
         except cudart.CudaError as e:
@@ -84,12 +92,14 @@ class SourceEvents:
         evicted = []
         with self._lock:
             event = self._open.setdefault(key, opened)
-            while len(self._open) > self.capacity:
-                evicted.append(self._open.popitem(last=False)[1])
+            self._polled[key] = self._polled.get(key, 0) + 1
+            idle = [k for k in self._open if k not in self._polled]  # oldest first
+            for old in idle[:max(0, len(self._open) - self.capacity)]:
+                evicted.append(self._open.pop(old))
         if event is not opened:  # another thread opened it meanwhile
             evicted.append(opened)
-        for old in evicted:
-            cudart.event_destroy(old)
+        for old_event in evicted:
+            cudart.event_destroy(old_event)
         return event
 
     def __len__(self) -> int:

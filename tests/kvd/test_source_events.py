@@ -72,6 +72,23 @@ def test_a_handle_cuda_refuses_is_a_value_error(monkeypatch):
     events.close()
 
 
+def test_an_event_being_polled_is_never_evicted(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    events = SourceEvents(capacity=1)
+    polled = events.wait(H1, 0, threading.Event(), time.monotonic() + 10)
+    time.sleep(0.05)
+    cuda.done.add(H2)
+    events.wait(H2, 0, threading.Event(), time.monotonic() + 5).result(5)
+    assert cuda.destroyed == [] and len(events) == 2  # over capacity while H1 is polled
+    cuda.done.add(H1)
+    polled.result(timeout=5)
+    h3 = b"3" * 64
+    cuda.done.add(h3)
+    events.wait(h3, 0, threading.Event(), time.monotonic() + 5).result(5)
+    assert cuda.destroyed == [H1, H2] and len(events) == 1
+    events.close()
+
+
 def test_close_ends_running_waits_and_least_recently_used_events_go_first(monkeypatch):
     cuda = FakeCuda(monkeypatch)
     events = SourceEvents(capacity=2)
