@@ -6,7 +6,9 @@ Contract (all on kvd's asyncio loop; blocking writes run on the transfer threads
   answers heartbeats — for that peer's TransferDone.
 - `send_kv` (prefill node): pins the source pages, waits at most the bootstrap timeout for the
   room's Bootstrap, checks the layouts agree and the page counts match, writes the KV as one
-  descriptor per run of pages adjacent on both sides, then sends TransferDone with the aux data.
+  descriptor per run of pages adjacent on both sides, then sends TransferDone with the aux data
+  (carried through even if the send is cancelled meanwhile). A send that ends before its
+  Bootstrap came makes kvd refuse that Bootstrap later: the decode side fails at once.
 - `on_bootstrap` / `on_transfer_done`: the peer side of the two flows. A peer may only fill a
   room it was told about by the kvd it handshook with, and only the pages bound to that room.
 - Sent ahead (`send_kv(req, aux=future)`, SendKvAhead): the aux data (first token) comes
@@ -120,6 +122,7 @@ class KvdCore:
         self._bootstraps: dict[str, asyncio.Future[kvd_pb2.BootstrapRequest]] = {}
         self._known: dict[str, _KnownPeer] = {}  # kvd id -> how to write to it
         self._cancelled: set[str] = set()  # rooms the decode side gave up: sends refuse them
+        self._given_up: set[str] = set()  # rooms whose send ended before their bootstrap came
         self._pushing: dict[str, asyncio.Event] = {}  # room -> set when its write has ended
         self.source_events = SourceEvents()  # prefill workers' events, opened here
 
@@ -317,6 +320,9 @@ class KvdCore:
     def on_bootstrap(self, req: kvd_pb2.BootstrapRequest) -> None:
         if req.room in self._cancelled:
             raise RoomError("ABORTED", f"room {req.room!r} was cancelled by the decode side")
+        if req.room in self._given_up:  # else the decode side would wait for a send long gone
+            raise RoomError("ABORTED", f"room {req.room!r}: the prefill side gave up on it "
+                            "before its bootstrap arrived")
         if req.kvd_id not in self._known:
             raise RoomError("FAILED_PRECONDITION", f"kvd {req.kvd_id!r} has not handshaken")
         try:
@@ -367,17 +373,22 @@ class KvdCore:
         """The decode side gave up on the room: refuse its bootstrap and sends from now on, and
         return once a write already in flight has ended."""
         room = req.room
-        if room not in self._cancelled:
-            self._cancelled.add(room)
-            s = self.settings
-            asyncio.get_running_loop().call_later(s.bootstrap_timeout + s.waiting_timeout,
-                                                  self._cancelled.discard, room)
+        self._forget_later(self._cancelled, room)
         future = self._bootstraps.get(room)
         if future is not None and not future.done():
             future.cancel()
         pushing = self._pushing.get(room)
         if pushing is not None:
             await pushing.wait()
+
+    def _forget_later(self, rooms: set[str], room: str) -> None:
+        """Add `room` to `rooms` until a bootstrap and a waiting timeout have passed: by then
+        no side still waits for it."""
+        if room not in rooms:
+            rooms.add(room)
+            s = self.settings
+            asyncio.get_running_loop().call_later(s.bootstrap_timeout + s.waiting_timeout,
+                                                  rooms.discard, room)
 
     async def await_bootstrap(self, req: kvd_pb2.AwaitBootstrapRequest
                               ) -> kvd_pb2.AwaitBootstrapResponse:
@@ -416,6 +427,8 @@ class KvdCore:
         except BaseException as e:
             self.counters.rooms_failed += 1
             self.metrics.rooms_failed.labels("send", failure_reason(e)).inc()
+            if pushing is None:  # nothing was written or reported: refuse a late bootstrap
+                self._forget_later(self._given_up, req.room)
             raise
         finally:
             if pushing is not None:
@@ -492,7 +505,7 @@ class KvdCore:
             self.metrics.transfer_failures.labels(e.reason).inc()
             if not told:
                 done.error = str(e)
-                await self._notify(peer, done, is_local)
+                await self._tell(peer, done, is_local)
             raise
         except asyncio.CancelledError:
             self.metrics.transfer_failures.labels("cancelled").inc()
@@ -502,7 +515,7 @@ class KvdCore:
             raise
         if not told:
             try:
-                await self._notify(peer, done, is_local, raise_errors=True)
+                await self._tell(peer, done, is_local, raise_errors=True)
             except RoomError as e:
                 self.metrics.transfer_failures.labels(e.reason).inc()
                 raise
@@ -577,6 +590,14 @@ class KvdCore:
             self.on_transfer_done(failed)
         except RoomError as e:
             logger.warning("TransferDone for room %s here failed: %s", done.room, e)
+
+    async def _tell(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
+                    raise_errors: bool = False) -> None:
+        """`_notify`, carried through even if this send is cancelled meanwhile (a prefill
+        worker that goes away mid-notice): the decode side must hear of its room either way."""
+        notice = asyncio.ensure_future(self._notify(peer, done, is_local, raise_errors))
+        notice.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+        await asyncio.shield(notice)
 
     async def _notify(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
                       raise_errors: bool = False) -> None:

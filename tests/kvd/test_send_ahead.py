@@ -36,11 +36,15 @@ def _aux(token: int) -> kvd_pb2.SendKvPart:
     return kvd_pb2.SendKvPart(aux=kvd_pb2.RoomAux(first_token_id=token, cached_tokens=3))
 
 
-async def _expect(stub, pool_id: str, room: str, pages: list[int], peer: str,
+async def _expect(stub, pool_id: str, room: str, pages: list[int], peer: str, prefill,
                   **fields) -> asyncio.Future:
+    """ExpectKv at the decode kvd `stub`, returned once the prefill kvd (`prefill`, at `peer`)
+    has the room's Bootstrap (as a prefill worker's AwaitBootstrap before its forward pass)."""
     expect = asyncio.ensure_future(stub.ExpectKv(kvd_pb2.ExpectKvRequest(
         pool_id=pool_id, room=room, page_ids=pages, peer_address=peer, **fields)))
-    await asyncio.sleep(0.3)  # bootstrapped at the prefill kvd
+    await prefill.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(
+        room=room, timeout_seconds=10), timeout=15)
+    await asyncio.sleep(0.1)  # and the Bootstrap's answer back at the decode kvd
     return expect
 
 
@@ -56,7 +60,8 @@ def test_decode_side_is_answered_once_kv_and_first_token_are_there(two_kvds, sam
         page = pa.total_bytes // LAYOUT.num_pages
         va[:] = np.random.default_rng(1).integers(0, 255, va.size, dtype=np.uint8)
         src, dst = [5, 6, 7], [10, 11, 40]
-        expect = await _expect(b, pb.pool_id, "ahead", dst, addr_a, accept_ready_event=True)
+        expect = await _expect(b, pb.pool_id, "ahead", dst, addr_a, a,
+                                accept_ready_event=True)
         call = a.SendKvAhead()
         await call.write(_request(pa.pool_id, "ahead", src, addr_a if same_node else addr_b))
         await asyncio.sleep(0.5)  # the KV is written by now; the first token is not known
@@ -81,7 +86,7 @@ def test_a_send_without_its_first_token_fails_both_sides_at_once(two_kvds, how):
     async def run():
         a, b = _client(sock_a), _client(sock_b)
         (pa, _), (pb, _) = await _attach(a, f"{how}-p"), await _attach(b, f"{how}-d")
-        expect = await _expect(b, pb.pool_id, how, [1, 2], addr_a, timeout_seconds=30)
+        expect = await _expect(b, pb.pool_id, how, [1, 2], addr_a, a, timeout_seconds=30)
         call = a.SendKvAhead()
         await call.write(_request(pa.pool_id, how, [3, 4], addr_b))
         await asyncio.sleep(0.3)
@@ -116,7 +121,7 @@ def test_a_first_token_that_never_comes_times_out_both_sides(two_kvds):
     async def run():
         a, b = _client(sock_a), _client(sock_b)
         (pa, _), (pb, _) = await _attach(a, "mute-p"), await _attach(b, "mute-d")
-        expect = await _expect(b, pb.pool_id, "mute", [1, 2], addr_a, timeout_seconds=30)
+        expect = await _expect(b, pb.pool_id, "mute", [1, 2], addr_a, a, timeout_seconds=30)
         call = a.SendKvAhead()
         await call.write(_request(pa.pool_id, "mute", [3, 4], addr_b))
         with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -126,6 +131,38 @@ def test_a_first_token_that_never_comes_times_out_both_sides(two_kvds):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await expect
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await _pinned(a) == 0 and await _pinned(b) == 0
+
+    asyncio.run(run())
+
+
+def test_a_send_given_up_before_its_bootstrap_fails_the_decode_side_at_once(two_kvds):
+    """The prefill side sends and gives up before the decode side's Bootstrap arrives: kvd
+    refuses that late Bootstrap, so the decode side fails now instead of waiting (30 s)."""
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
+
+    async def run():
+        a, b = _client(sock_a), _client(sock_b)
+        (pa, _), (pb, _) = await _attach(a, "early-p"), await _attach(b, "early-d")
+        call = a.SendKvAhead()
+        await call.write(_request(pa.pool_id, "early", [3, 4], addr_b))
+        for _ in range(100):  # the send waits for its bootstrap at the prefill kvd
+            if (await a.Stats(kvd_pb2.StatsRequest())).open_rooms == 1:
+                break
+            await asyncio.sleep(0.05)
+        call.cancel()
+        for _ in range(100):
+            if await _pinned(a) == 0:
+                break
+            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await b.ExpectKv(kvd_pb2.ExpectKvRequest(
+                pool_id=pb.pool_id, room="early", page_ids=[1, 2], peer_address=addr_a,
+                timeout_seconds=30))
+        assert e.value.code() == grpc.StatusCode.ABORTED and "gave up" in e.value.details()
+        assert loop.time() - start < 5.0
         assert await _pinned(a) == 0 and await _pinned(b) == 0
 
     asyncio.run(run())
