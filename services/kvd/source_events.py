@@ -12,12 +12,12 @@ even crashed kvd (H100, driver 580.159.04, CUDA 13.0). A host wait can give up.
 Contract: `wait(handle, device, abandoned, deadline)` (a concurrent Future, on this object's
 threads; at most MAX_WAITS run at once, more queue) opens the event — once per handle and
 device; at most `capacity` stay open, the least recently used one no wait is polling destroyed
-first — and resolves
-once its latest record has completed, polling every POLL_S. It fails with `SourceNotReady` if
-`abandoned` is set first (the send was cancelled: the caller must not read the pages
-afterwards) or the monotonic `deadline` passes, `ValueError` for a handle CUDA refuses, and
-`cudart.CudaError` if CUDA fails the query. `close()` ends every wait and destroys the events
-(unless a thread is stuck in CUDA past `timeout`: those are left to the process's exit).
+first — and resolves once its latest record has completed, polling every POLL_S. It fails
+with `SourceNotReady` if `abandoned` is set first (the send was cancelled: the caller must
+not read the pages afterwards) or the monotonic `deadline` passes, `ValueError` for a handle
+CUDA refuses, and `cudart.CudaError` if CUDA fails the query. `close()` ends every wait and
+destroys the events (unless a thread is stuck in CUDA past `timeout`: those are left to the
+process's exit).
 """
 
 from __future__ import annotations
