@@ -483,6 +483,7 @@ class KvdCore:
         is_local = boot.kvd_id == self.kvd_id
         done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux)
         told = False  # the decode side has its answer already (a queued copy's ready event)
+        landing: asyncio.Future[float] | None = None  # a queued copy, until done
         try:
             job, num_runs = self._job(req, pool, page_ids, boot, known)
             done.kv_bytes = job.num_bytes
@@ -490,7 +491,11 @@ class KvdCore:
                 await self._await_source(req, source)
             queued = self._queue_copy(req.room, job) if is_local else None
             if queued is not None:
-                seconds, told = await self._finish_queued(req.room, done, queued, aux)
+                landing = asyncio.get_running_loop().run_in_executor(None, queued.wait)
+                self._recv[req.room].landing = landing  # _queue_copy found it; no await since
+                await self._answer_queued(req.room, done, queued, aux)
+                told = True
+                seconds = await self._landed(req.room, landing)
                 shard = self.queues.shard_of(self.kvd_id)
             else:
                 future, shard = self.queues.submit(boot.kvd_id, job)
@@ -513,6 +518,9 @@ class KvdCore:
                 done.error = f"room {req.room!r}: the prefill side gave up"
                 asyncio.get_running_loop().create_task(self._notify(peer, done, is_local))
             raise
+        finally:
+            if landing is not None and not landing.done():
+                await asyncio.wait({landing})  # the source pages are read until it is done
         if not told:
             try:
                 await self._tell(peer, done, is_local, raise_errors=True)
@@ -547,49 +555,28 @@ class KvdCore:
         except TransferError as e:
             raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
 
-    async def _finish_queued(self, room: str, done: kvd_pb2.TransferDoneRequest,
+    async def _answer_queued(self, room: str, done: kvd_pb2.TransferDoneRequest,
                              queued: QueuedCopy, aux: asyncio.Future[kvd_pb2.RoomAux] | None
-                             ) -> tuple[float, bool]:
-        """Answer the decode side as soon as the aux data is known (with the ready event), the
-        prefill side once the copies are done: until then its source pages are being read.
-        Returns (the copies' GPU seconds, whether the decode side was answered). On any error
-        the copies are waited for before it propagates."""
-        landing = asyncio.get_running_loop().run_in_executor(None, queued.wait)
-        self._recv[room].landing = landing  # _queue_copy found the room; no await since
-        told = False
+                             ) -> None:
+        """Answer the decode side with the ready event of the queued copy, as soon as the aux
+        data is known (the prefill side is answered once the copy is done)."""
+        if aux is not None:
+            done.aux.CopyFrom(await self._await_aux(room, aux))
         try:
-            if aux is not None:
-                done.aux.CopyFrom(await self._await_aux(room, aux))
-            try:
-                self.on_transfer_done(done, ready_event=queued.ready_event)
-                told = True
-            except RoomError as e:  # the decode side gave up while the aux was awaited
-                raise RoomError("ABORTED", f"room {room!r}: the decode side did not take its "
-                                f"KV: {e}", "notify_failed") from None
-            await asyncio.sleep(0)  # let the woken ExpectKv answer first
-            seconds = await until_done(landing)
+            self.on_transfer_done(done, ready_event=queued.ready_event)
+        except RoomError as e:  # the decode side gave up while the aux was awaited
+            raise RoomError("ABORTED", f"room {room!r}: the decode side did not take its KV: "
+                            f"{e}", "notify_failed") from None
+        await asyncio.sleep(0)  # let the woken ExpectKv answer first
+
+    async def _landed(self, room: str, landing: asyncio.Future[float]) -> float:
+        """The queued copy's GPU seconds, once it is done (the decode side has been told)."""
+        try:
+            return await until_done(landing)
         except TransferError as e:
             logger.error("room %s: a queued GPU copy failed after the decode side was told it "
                          "would complete: %s", room, e)
             raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
-        except BaseException as e:
-            if not told:  # the decode side hears of it now; its pages stay pinned until landed
-                self._fail_recv(done, e)
-            if not landing.done():  # the source pages are read until the copies are done
-                await asyncio.wait({landing})
-            raise
-        return seconds, told
-
-    def _fail_recv(self, done: kvd_pb2.TransferDoneRequest, error: BaseException) -> None:
-        """Tell this kvd's receiving side of `done.room` that its KV will not come."""
-        failed = kvd_pb2.TransferDoneRequest()
-        failed.CopyFrom(done)
-        failed.error = (str(error) if not isinstance(error, asyncio.CancelledError)
-                        else f"room {done.room!r}: the prefill side gave up")
-        try:
-            self.on_transfer_done(failed)
-        except RoomError as e:
-            logger.warning("TransferDone for room %s here failed: %s", done.room, e)
 
     async def _tell(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
                     raise_errors: bool = False) -> None:
