@@ -113,10 +113,16 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
     @_mapped
     async def SendKv(self, request: kvd_pb2.SendKvRequest,
                      context: grpc.aio.ServicerContext) -> kvd_pb2.SendKvResponse:
-        with tracing.server_span("kvd.send", context, **{"tandem.room": request.room,
-                                                         "tandem.pages": len(request.page_ids)}
-                                 ) as span:
-            response = await self.core.send_kv(request)
+        return await self._send(request, context)
+
+    async def _send(self, request: kvd_pb2.SendKvRequest, context: grpc.aio.ServicerContext,
+                    aux: asyncio.Future[kvd_pb2.RoomAux] | None = None
+                    ) -> kvd_pb2.SendKvResponse:
+        """`core.send_kv` in its `kvd.send` span (`aux`: SendKvAhead's later first token)."""
+        with tracing.server_span("kvd.send", context, **{
+                "tandem.room": request.room, "tandem.pages": len(request.page_ids),
+                "tandem.ahead": aux is not None}) as span:
+            response = await self.core.send_kv(request, aux)
             if span is not None:  # tracing on
                 span.set_attributes(tracing.kv_transfer_attributes(response,
                                                                    len(request.page_ids)))
@@ -138,14 +144,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
         aux.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved either way
         reader = asyncio.ensure_future(_read_aux(parts, aux, request.room))
         try:
-            with tracing.server_span("kvd.send", context, **{
-                    "tandem.room": request.room, "tandem.pages": len(request.page_ids),
-                    "tandem.ahead": True}) as span:
-                response = await self.core.send_kv(request, aux)
-                if span is not None:  # tracing on
-                    span.set_attributes(tracing.kv_transfer_attributes(response,
-                                                                       len(request.page_ids)))
-                return response
+            return await self._send(request, context, aux)
         finally:
             reader.cancel()
 
