@@ -20,8 +20,8 @@ the destination GPU (which waits for them). The call returns at once with a `Que
 `ready_event` (the event's IPC handle) lets another process order its own GPU work after the
 copies, and `wait()` blocks until they are done. An event goes back to the pool only after
 `wait()` saw its copies complete, so a process that waits on a handle late waits at worst on
-a later room's copy, never on pages still unwritten. kvd uses this for the same-node
-path when the decode worker accepts a ready event: its answer travels while the bytes do.
+a later room's copy, never on pages still unwritten. kvd uses this for the same-node path
+when the decode worker accepts a ready event: its answer travels while the bytes do.
 
 Checks. Any host memory works while nothing is registered; once a region is registered every
 source and destination range must lie in a registered region, and a range that does not raises
@@ -35,7 +35,6 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,11 +195,19 @@ class LocalBackend:
                 raise TransferError(f"local backend: GPU copy failed: {'; '.join(errors)}")
 
     def _stream(self, device: int) -> Any:
-        """This thread's stream on `device`, which becomes the thread's current device."""
+        """This thread's stream on `device` (made on first use, destroyed by `close`); the
+        device becomes the thread's current one."""
         from services.common import cudart
 
         cudart.set_device(device)
-        return self._thread_own("streams", device, cudart.stream_create, self._streams)
+        streams: dict[int, Any] | None = getattr(self._thread, "streams", None)
+        if streams is None:
+            streams = self._thread.streams = {}
+        if device not in streams:
+            streams[device] = cudart.stream_create(device)
+            with self._lock:
+                self._streams.append(streams[device])
+        return streams[device]
 
     def _take_event(self, source: int, dest: int) -> _IpcEvent:
         with self._lock:
@@ -222,20 +229,6 @@ class LocalBackend:
         with self._lock:
             if not self._is_closed:
                 self._free_events.setdefault((ready.source, ready.dest), []).append(ready)
-
-    def _thread_own(self, kind: str, device: int, make: Callable[[int], Any],
-                    made: list[Any]) -> Any:
-        """The calling thread's `kind` (e.g. "streams") on `device`, made on first use
-        and listed in `made` for `close`."""
-        own: dict[int, Any] | None = getattr(self._thread, kind, None)
-        if own is None:
-            own = {}
-            setattr(self._thread, kind, own)
-        if device not in own:
-            own[device] = make(device)
-            with self._lock:
-                made.append(own[device])
-        return own[device]
 
     def close(self) -> None:
         if self._is_closed:
@@ -274,8 +267,8 @@ class _IpcEvent:
 class QueuedCopy:
     """GPU copies queued by `LocalBackend.write_async`. `ready_event`: the IPC handle of the
     event recorded after them. `wait()`: block until they are done and return the seconds the
-    copies took on the GPU; raises `TransferError`. Call
-    it exactly once: it also returns the events to the backend's pool."""
+    copies took on the GPU; raises `TransferError`. Call it exactly once: it also returns the
+    events to the backend's pool."""
 
     def __init__(self, backend: LocalBackend, ready: _IpcEvent) -> None:
         self._backend = backend
