@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from services.common.proto.tandem.v1 import kvd_pb2
-from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _start_pair
+from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _start_pair, _unpinned
 from tests.procs import stop
 
 
@@ -104,11 +104,8 @@ def test_a_send_without_its_first_token_fails_both_sides_at_once(two_kvds, how):
             await expect
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert loop.time() - start < 5.0  # told, not timed out (30 s)
-        for _ in range(50):  # the prefill kvd's handler ends after the client's cancel
-            if await _pinned(a) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await _pinned(a) == 0 and await _pinned(b) == 0
+        # the prefill kvd's handler ends after the client's cancel
+        assert await _unpinned(a) and await _pinned(b) == 0
 
     asyncio.run(run())
 
@@ -151,10 +148,7 @@ def test_a_send_given_up_before_its_bootstrap_fails_the_decode_side_at_once(two_
                 break
             await asyncio.sleep(0.05)
         call.cancel()
-        for _ in range(100):
-            if await _pinned(a) == 0:
-                break
-            await asyncio.sleep(0.05)
+        assert await _unpinned(a)
         loop = asyncio.get_running_loop()
         start = loop.time()
         with pytest.raises(grpc.aio.AioRpcError) as e:

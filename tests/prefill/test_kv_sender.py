@@ -15,7 +15,7 @@ from services.common.proto.tandem.v1 import kvd_pb2
 from services.engine.kv_events import KvComputed
 from services.engine.output import RequestOutput
 from services.prefill.kv_sender import AheadSend
-from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _start_pair
+from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _start_pair, _unpinned
 from tests.procs import stop
 
 
@@ -86,11 +86,7 @@ def test_cancel_after_announce_fails_the_decode_side_at_once(two_kvds):
             await expect
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert loop.time() - start < 5.0
-        for _ in range(50):
-            if await _pinned(a) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await _pinned(a) == 0 and await _pinned(b) == 0
+        assert await _unpinned(a) and await _pinned(b) == 0
 
     asyncio.run(run())
 
@@ -110,11 +106,7 @@ def test_pages_that_changed_since_the_announce_cancel_the_room(two_kvds):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await expect
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        for _ in range(50):
-            if await _pinned(a) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await _pinned(a) == 0 and await _pinned(b) == 0
+        assert await _unpinned(a) and await _pinned(b) == 0
 
     asyncio.run(run())
 
