@@ -14,9 +14,12 @@ a stream of the writing thread's own, synchronized before `write` returns. On 2x
 faster than an SM copy kernel (333-347 GB/s); cutting it over four streams gained nothing
 (bench/peer_copy_gpu.py, bench/results/peer_copy-h100.json).
 
-Queued copies (`write_async`, GPU to GPU only). The copies are queued on the calling thread's
-stream of the source GPU, and an interprocess CUDA event is recorded after them on a stream of
-the destination GPU (which waits for them). The call returns at once with a `QueuedCopy`: its
+Queued copies (`write_async`, GPU to GPU only; `prepare_async` then `PreparedCopy.issue` split
+the checks from the CUDA calls). The source GPU pushes: the copies are queued on the calling
+thread's stream of the source GPU, between two timing events, and an interprocess CUDA event
+is recorded after them on a stream of the destination GPU (which waits for them). Pulling
+from the destination GPU's stream instead ran one 512 MiB run as fast but 256 runs of 2 MiB
+at 3.4 ms instead of 2.0 ms (2xH100). The call returns at once with a `QueuedCopy`: its
 `ready_event` (the event's IPC handle) lets another process order its own GPU work after the
 copies, and `wait()` blocks until they are done. An event goes back to the pool only after
 `wait()` saw its copies complete, so a process that waits on a handle late waits at worst on
@@ -113,6 +116,13 @@ class LocalBackend:
                     dst_addrs: list[int]) -> QueuedCopy | None:
         """Queue a GPU-to-GPU write (see the module doc); None when it is not one — some range
         in host memory, or sources or destinations on more than one GPU: use `write`."""
+        prepared = self.prepare_async(peer, src, dst_addrs)
+        return None if prepared is None else prepared.issue()
+
+    def prepare_async(self, peer: str, src: list[tuple[int, int]],
+                      dst_addrs: list[int]) -> PreparedCopy | None:
+        """`write_async` up to the CUDA calls that queue it: checked, planned, its events
+        taken; None when it is not a GPU-to-GPU write."""
         src_addrs, lengths, dsts, src_gpu, dst_gpu = self._plan(peer, src, dst_addrs)
         if len(lengths) == 0 or (src_gpu == HOST).any() or (dst_gpu == HOST).any():
             return None
@@ -122,26 +132,12 @@ class LocalBackend:
         from services.common import cudart
 
         source, dest = int(devices[0][0]), int(devices[1][0])
-        copying = self._stream(source)
         try:
             ready = self._take_event(source, dest)
-            cudart.event_record(ready.started, copying)
-            for s, n, d in zip(src_addrs.tolist(), lengths.tolist(), dsts.tolist(), strict=True):
-                cudart.copy_async(d, s, n, copying)
-            cudart.event_record(ready.copied, copying)
-            stream = copying
-            if source != dest:
-                cudart.event_record(ready.order, stream)
-                stream = self._stream(dest)
-                cudart.stream_wait_event(stream, ready.order)
-            cudart.event_record(ready.event, stream)
         except cudart.CudaError as e:
-            try:  # the caller frees the pages on this error: nothing may still be copying
-                cudart.stream_synchronize(copying)
-            except cudart.CudaError:
-                pass
             raise TransferError(f"local backend: GPU copy failed: {e}") from e
-        return QueuedCopy(self, ready)
+        runs = list(zip(dsts.tolist(), src_addrs.tolist(), lengths.tolist(), strict=True))
+        return PreparedCopy(self, ready, runs)
 
     def _plan(self, peer: str, src: list[tuple[int, int]], dst_addrs: list[int]
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -264,11 +260,51 @@ class _IpcEvent:
     order: Any = None  # recorded after them too, for the destination GPU's stream
 
 
+class PreparedCopy:
+    """A GPU-to-GPU write planned by `LocalBackend.prepare_async`, not queued yet. `issue()`
+    queues it on the calling thread's streams (see the module doc) — a few CUDA calls made
+    without letting go of the GIL, so that kvd can issue it on the thread that saw the source
+    pages become ready, at once — and returns its `QueuedCopy`;
+    raises `TransferError`. `discard()` gives its events back unused. Call exactly one of
+    them, once."""
+
+    def __init__(self, backend: LocalBackend, ready: _IpcEvent,
+                 runs: list[tuple[int, int, int]]) -> None:
+        self._backend = backend
+        self._ready = ready
+        self._runs = runs  # (destination address, source address, bytes)
+
+    def issue(self) -> QueuedCopy:
+        from services.common import cudart
+
+        backend, ready = self._backend, self._ready
+        copying = backend._stream(ready.source)
+        try:
+            if ready.source == ready.dest:
+                cudart.queue_copies(copying, self._runs, ready.started,
+                                    [ready.copied, ready.event])
+            else:
+                cudart.queue_copies(copying, self._runs, ready.started,
+                                    [ready.copied, ready.order])
+                cudart.queue_wait_and_record(backend._stream(ready.dest), ready.order,
+                                             ready.event)
+        except cudart.CudaError as e:
+            try:  # the caller frees the pages on this error: nothing may still be copying
+                cudart.stream_synchronize(copying)
+            except cudart.CudaError:
+                pass
+            raise TransferError(f"local backend: GPU copy failed: {e}") from e
+        return QueuedCopy(backend, ready)
+
+    def discard(self) -> None:
+        self._backend._give_back(self._ready)
+
+
 class QueuedCopy:
-    """GPU copies queued by `LocalBackend.write_async`. `ready_event`: the IPC handle of the
-    event recorded after them. `wait()`: block until they are done and return the seconds the
-    copies took on the GPU; raises `TransferError`. Call it exactly once: it also returns the
-    events to the backend's pool."""
+    """GPU copies queued by `LocalBackend.write_async` or `PreparedCopy.issue`. `ready_event`:
+    the IPC handle of the event recorded after them. `wait()`: block until they are done and
+    return the seconds the copies took on the GPU; raises `TransferError`. Call it exactly
+    once: it also returns the events to the backend's pool."""
 
     def __init__(self, backend: LocalBackend, ready: _IpcEvent) -> None:
         self._backend = backend
