@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ import grpc
 from services.common import cudart
 from services.common.proto.tandem.v1 import kvd_pb2
 from services.kvd.backends.base import TransferBackend, TransferError
-from services.kvd.backends.local_backend import LocalBackend, QueuedCopy
+from services.kvd.backends.local_backend import LocalBackend, PreparedCopy, QueuedCopy
 from services.kvd.config import TransferSettings
 from services.kvd.metrics import KvdMetrics, PoolSnapshot, Snapshot, failure_reason
 from services.kvd.peers import Peer, PeerDirectory
@@ -51,7 +50,7 @@ from services.kvd.pools import (
     check_page_ids,
     coalesce,
 )
-from services.kvd.source_events import SourceEvents, SourceNotReady
+from services.kvd.source_events import Claim, SourceEvents, SourceNotReady
 from services.kvd.transfer import TransferJob, TransferQueues, until_done
 
 logger = logging.getLogger(__name__)
@@ -454,24 +453,30 @@ class KvdCore:
                             f"{cudart.IPC_HANDLE_BYTES}")
         return pool.memory.device
 
-    async def _await_source(self, req: kvd_pb2.SendKvRequest, device: int) -> None:
-        """Until the prefill's forward pass has finished the pages (see source_events.py)."""
+    async def _await_source(self, req: kvd_pb2.SendKvRequest, device: int,
+                            copy: PreparedCopy | None) -> QueuedCopy | None:
+        """Until the prefill's forward pass has finished the pages (see source_events.py).
+        `copy` is issued by the thread that saw them ready, at once (no hop back to this loop
+        before the bytes move), and its QueuedCopy returned. When this raises, nothing reads
+        the pages any more."""
         timeout = self.settings.waiting_timeout
-        abandoned = threading.Event()
+        claim = Claim()
         try:
-            await asyncio.wrap_future(self.source_events.wait(
-                req.source_ready_event, device, abandoned, time.monotonic() + timeout))
-        except asyncio.CancelledError:
-            abandoned.set()  # the thread stops polling; nothing reads the pages from now on
-            raise
-        except SourceNotReady as e:
-            raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: {e} (waited up to "
-                            f"{timeout:g}s)", "timeout") from None
-        except ValueError as e:
-            raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: {e}") from None
-        except cudart.CudaError as e:
-            raise RoomError("UNAVAILABLE", f"room {req.room!r}: waiting for the prefill's "
-                            f"source_ready_event failed: {e}", "backend_error") from None
+            return await asyncio.wrap_future(self.source_events.wait(
+                req.source_ready_event, device, claim, time.monotonic() + timeout,
+                copy.issue if copy is not None else None))
+        except BaseException as e:
+            ran, queued = claim.abandon()  # stops the polling, unless the copy went out first
+            if copy is not None and not ran:
+                copy.discard()
+            if queued is not None:  # issued just before a cancellation: it reads the pages
+                landing = asyncio.get_running_loop().run_in_executor(None, queued.wait)
+                await asyncio.wait({landing})
+                landing.cancelled() or landing.exception()  # retrieved: the room failed anyway
+            failure = _source_failure(req.room, e, timeout)
+            if failure is e:
+                raise
+            raise failure from None
 
     async def _push(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
                     boot: kvd_pb2.BootstrapRequest, source: int | None,
@@ -487,12 +492,16 @@ class KvdCore:
         try:
             job, num_runs = self._job(req, pool, page_ids, boot, known)
             done.kv_bytes = job.num_bytes
+            copy = self._prepare_copy(req.room, job) if is_local else None
             if source is not None:
-                await self._await_source(req, source)
-            queued = self._queue_copy(req.room, job) if is_local else None
+                queued = await self._await_source(req, source, copy)
+            else:
+                queued = self._issue(req.room, copy) if copy is not None else None
             if queued is not None:
                 landing = asyncio.get_running_loop().run_in_executor(None, queued.wait)
-                self._recv[req.room].landing = landing  # _queue_copy found it; no await since
+                recv = self._recv.get(req.room)  # kept until this send ends (_drain waits)
+                if recv is not None:
+                    recv.landing = landing
                 await self._answer_queued(req.room, done, queued, aux)
                 told = True
                 seconds = await self._landed(req.room, landing)
@@ -543,15 +552,23 @@ class KvdCore:
             raise RoomError("DEADLINE_EXCEEDED", f"room {room!r}: the prefill worker sent no "
                             f"first token within {timeout:g}s of its KV", "timeout") from None
 
-    def _queue_copy(self, room: str, job: TransferJob) -> QueuedCopy | None:
-        """Queue the same-node GPU copies of a room whose decode worker accepts a ready event;
-        None when that does not apply (the transfer queues then write it)."""
+    def _prepare_copy(self, room: str, job: TransferJob) -> PreparedCopy | None:
+        """The same-node GPU copies of a room whose decode worker accepts a ready event,
+        planned, to be queued; None when that does not apply (the transfer queues then write
+        it)."""
         recv = self._recv.get(room)
         if (recv is None or not recv.accepts_ready_event
                 or not isinstance(job.backend, LocalBackend)):
             return None
         try:
-            return job.backend.write_async(job.peer, job.src, job.dst_addrs)
+            return job.backend.prepare_async(job.peer, job.src, job.dst_addrs)
+        except TransferError as e:
+            raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
+
+    @staticmethod
+    def _issue(room: str, copy: PreparedCopy) -> QueuedCopy:
+        try:
+            return copy.issue()
         except TransferError as e:
             raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
 
@@ -651,6 +668,22 @@ class KvdCore:
             raise RoomError("NOT_FOUND", str(e.args[0])) from None
 
 
+def _source_failure(room: str, e: BaseException, timeout: float) -> BaseException:
+    """What a failed wait for a source_ready_event fails its room with (`e` itself if it is no
+    failure of the wait's own, a cancellation say)."""
+    if isinstance(e, SourceNotReady):
+        return RoomError("DEADLINE_EXCEEDED", f"room {room!r}: {e} (waited up to {timeout:g}s)",
+                         "timeout")
+    if isinstance(e, ValueError):
+        return RoomError("INVALID_ARGUMENT", f"room {room!r}: {e}")
+    if isinstance(e, cudart.CudaError):
+        return RoomError("UNAVAILABLE", f"room {room!r}: waiting for the prefill's "
+                         f"source_ready_event failed: {e}", "backend_error")
+    if isinstance(e, TransferError):  # issuing the copy
+        return RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error")
+    return e
+
+
 async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
                   raise_errors: bool = False) -> None:
     try:
@@ -661,4 +694,3 @@ async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
         if raise_errors:
             raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not take "
                             f"the KV: {e.code().name}: {e.details()}", "notify_failed") from None
-
