@@ -262,7 +262,7 @@ def test_ready_event_orders_reads_after_the_queued_copy_and_pages_wait_for_it(tm
         assert stop(kvd[0]) == 0
 
 
-@pytest.mark.parametrize("path", ["local_ready_event", "local", "nixl"])
+@pytest.mark.parametrize("path", ["local_ready_event", "local", "nixl", "mooncake"])
 def test_source_ready_event_orders_kvd_reads_after_the_prefill_stream(tmp_path, path):
     """SendKvAhead before the prefill's GPU work is done: this process plays the prefill
     worker — on a stream of GPU 0 it sleeps ~0.3 s, then writes the pages and records an IPC
@@ -273,8 +273,9 @@ def test_source_ready_event_orders_kvd_reads_after_the_prefill_stream(tmp_path, 
     import torch
 
     num_pages, moved = 64, [3, 4, 5, 9]
-    one = start_kvd(tmp_path, "a", "nixl")
-    kvds = (one, one) if path != "nixl" else (one, start_kvd(tmp_path, "b", "nixl"))
+    backend = "mooncake" if path == "mooncake" else "nixl"
+    one = start_kvd(tmp_path, "a", backend)
+    kvds = (one, one) if path.startswith("local") else (one, start_kvd(tmp_path, "b", backend))
     (_, sock_a, addr_a), (_, sock_b, addr_b) = kvds
     a, b = _stub(sock_a), _stub(sock_b)
     src_reply = _attach(a, f"prefill-src-{path}", 0, num_pages)
@@ -325,7 +326,7 @@ def test_source_ready_event_orders_kvd_reads_after_the_prefill_stream(tmp_path, 
     try:
         landed, sent = room(f"src-ev-{path}", True, src, dst)
         assert torch.equal(landed, written), "kvd read the pages before the prefill wrote them"
-        assert sent.backend == ("nixl" if path == "nixl" else "local")
+        assert sent.backend == (backend if not path.startswith("local") else "local")
         assert sent.transfer_seconds < 0.1  # the copy alone, not the 0.3 s wait
         landed, _ = room(f"src-none-{path}", False, src, dst)
         assert not torch.equal(landed, written)  # the control: read at once, before the write
@@ -336,6 +337,71 @@ def test_source_ready_event_orders_kvd_reads_after_the_prefill_stream(tmp_path, 
         dst_map.close()
         codes = [stop(proc) for proc, _, _ in {k[1]: k for k in kvds}.values()]
     assert codes == [0] * len(codes)
+
+
+def test_many_rooms_sent_ahead_behind_one_event_are_all_read_after_it(tmp_path):
+    """A batched prefill announces 16 rooms at once with one forward pass's event: kvd polls
+    them on as many threads, each of which queues its room's copy (same node, ready events)
+    once the event completes. Every room must carry the bytes written just before the event,
+    and nothing may stay pinned."""
+    import torch
+
+    rooms, per_room, num_pages = 16, 2, 64
+    kvd = start_kvd(tmp_path, "a", "nixl")
+    _, sock, addr = kvd
+    stub = _stub(sock)
+    src_reply = _attach(stub, "prefill-batch", 0, num_pages)
+    dst_reply = _attach(stub, "decode-batch", 1, num_pages)
+    (src_map, src), (dst_map, dst) = _open(src_reply, 0), _open(dst_reply, 1)
+    try:
+        src_pages, dst_pages = src.view(num_pages, PAGE_BYTES), dst.view(num_pages, PAGE_BYTES)
+        src.zero_()
+        dst.zero_()
+        moved = rooms * per_room
+        written = pattern(moved * PAGE_BYTES, 11, src.device).view(moved, PAGE_BYTES)
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+        expects = [stub.ExpectKv.future(kvd_pb2.ExpectKvRequest(
+            pool_id=dst_reply.pool_id, room=f"batch-{i}",
+            page_ids=list(range(32 + i * per_room, 32 + (i + 1) * per_room)),
+            peer_address=addr, timeout_seconds=30, accept_ready_event=True), timeout=60)
+            for i in range(rooms)]
+        for i in range(rooms):
+            stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=f"batch-{i}",
+                                                              timeout_seconds=30), timeout=40)
+        prefill, event = torch.cuda.Stream(0), torch.cuda.Event(interprocess=True)
+        with torch.cuda.stream(prefill):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s or more at H100 clocks
+            src_pages[:moved].copy_(written)
+            event.record(prefill)
+        handle = bytes(event.ipc_handle())
+        sends = [stub.SendKvAhead.future(iter([
+            kvd_pb2.SendKvPart(request=kvd_pb2.SendKvRequest(
+                pool_id=src_reply.pool_id, room=f"batch-{i}",
+                page_ids=list(range(i * per_room, (i + 1) * per_room)), peer_address=addr,
+                timeout_seconds=30, source_ready_event=handle)),
+            kvd_pb2.SendKvPart(aux=kvd_pb2.RoomAux(first_token_id=i))]), timeout=60)
+            for i in range(rooms)]
+        for i, (expect, send) in enumerate(zip(expects, sends, strict=True)):
+            got = expect.result(timeout=60)
+            assert got.aux.first_token_id == i and got.ready_event
+            torch.cuda.Event.from_ipc_handle(1, got.ready_event).synchronize()
+            assert send.result(timeout=60).backend == "local"
+        landed = dst_pages[32:32 + moved].to(0)
+        assert torch.equal(landed, written), "a room was read before the prefill wrote it"
+        deadline = time.monotonic() + 10  # the decode side's pages unpin as their copies land
+        while True:
+            try:
+                _assert_nothing_pinned(stub)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "pages stayed pinned"
+                time.sleep(0.1)
+    finally:
+        del src, dst
+        src_map.close()
+        dst_map.close()
+        assert stop(kvd[0]) == 0
 
 
 @pytest.mark.parametrize("path", ["local_ready_event", "nixl"])
