@@ -9,19 +9,22 @@ pass ends, the event may never complete, and a kvd stream waiting on it would ho
 copy queued behind it forever; a stream of another GPU waiting on an opened interprocess event
 even crashed kvd (H100, driver 580.159.04, CUDA 13.0). A host wait can give up.
 
-Contract: `wait(handle, device, claim, deadline, then=None)` (a concurrent Future, on this
-object's threads; at most MAX_WAITS run at once, more queue) opens the event — once per handle
-and device; at most `capacity` stay open, the least recently used one no wait is polling
-destroyed first — polls it every POLL_S, and once its latest record has completed runs
-`then()` on the waiting thread (kvd queues the room's copy there: no hop back to the event
-loop before the bytes move) and resolves to its result (None without `then`). `claim`
-decides between that and the caller abandoning the wait (its send was cancelled):
-`claim.abandon()` returns whether `then` ran first (with its result: the caller must wait for
-what it queued) — otherwise it never runs. The wait fails with `SourceNotReady` if abandoned or
-the monotonic `deadline` passes first, `ValueError` for a handle CUDA refuses,
+One thread polls every pending wait, POLL_S apart, so that a batch of rooms announced at once
+costs one thread's polling, not a thread each (each sleeping 50 us and taking the GIL to
+wake); opening a handle, which may take a while, happens on a few other threads first.
+
+Contract: `wait(handle, device, claim, deadline, then=None)` returns a concurrent Future. The
+event is opened once per handle and device (at most `capacity` stay open; the least recently
+used one no wait is polling is destroyed first) and polled; once its latest record has
+completed, the polling thread runs `then()` (kvd queues the room's copy there: no hop back to
+the event loop before the bytes move) and the Future resolves to its result (None without
+`then`). `claim` decides between that and the caller abandoning the wait (its send was
+cancelled): `claim.abandon()` returns whether `then` ran first (with its result: the caller
+must wait for what it queued) — otherwise it never runs. The wait fails with `SourceNotReady`
+if abandoned or the monotonic `deadline` passes first, `ValueError` for a handle CUDA refuses,
 `cudart.CudaError` if CUDA fails the query, and with whatever `then` raises. `close()` ends
-every wait and destroys the events (unless a thread is stuck in CUDA past `timeout`: those are
-left to the process's exit).
+every wait and destroys the events (unless the polling thread is stuck in CUDA past
+`timeout`: they are left to the process's exit).
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from services.common import cudart
 
-POLL_S = 50e-6  # between two queries of an event not yet complete (see _sleep_finely)
-MAX_WAITS = 64  # threads; a room holds one for the rest of its prefill's forward pass
+POLL_S = 50e-6  # between two rounds of queries (see _sleep_finely)
+OPENERS = 4  # threads opening handles
 PR_SET_TIMERSLACK = 29  # prctl(2)
 ABANDONED = "the send was abandoned before the prefill's KV was ready"
 
@@ -48,7 +52,7 @@ class SourceNotReady(Exception):
 
 
 class Claim:
-    """Who goes first for one wait: the waiting thread running `then` (the event completed) or
+    """Who goes first for one wait: the polling thread running `then` (the event completed) or
     the caller abandoning it. Decided once, under a lock that `then` runs under."""
 
     def __init__(self) -> None:
@@ -81,46 +85,98 @@ class Claim:
             return self._result
 
 
+@dataclass(slots=True, eq=False)
+class _Wait:
+    key: tuple[int, bytes]
+    event: Any
+    claim: Claim
+    deadline: float
+    then: Callable[[], Any] | None
+    future: Future[Any]
+
+
 class SourceEvents:
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = capacity
         self._open: OrderedDict[tuple[int, bytes], Any] = OrderedDict()
         self._lock = threading.Lock()
-        self._threads = ThreadPoolExecutor(MAX_WAITS, thread_name_prefix="kv-source",
-                                           initializer=_sleep_finely)
-        self._closing = threading.Event()
-        self._active = 0  # waits running (guarded by _lock)
         self._polled: dict[tuple[int, bytes], int] = {}  # key -> waits polling it (_lock)
+        self._waits: list[_Wait] = []  # being polled (_lock)
+        self._added = threading.Event()  # a wait was added, or closing
+        self._closing = threading.Event()
+        self._openers = ThreadPoolExecutor(OPENERS, thread_name_prefix="kv-source-open")
+        self._poller = threading.Thread(target=self._poll, name="kv-source-poll", daemon=True)
+        self._poller.start()
 
     def wait(self, handle: bytes, device: int, claim: Claim, deadline: float,
              then: Callable[[], Any] | None = None) -> Future[Any]:
-        return self._threads.submit(self._wait, handle, device, claim, deadline, then)
+        future: Future[Any] = Future()
+        future.set_running_or_notify_cancel()
+        try:
+            self._openers.submit(self._start, (device, handle), claim, deadline, then, future)
+        except RuntimeError:  # closed
+            future.set_exception(SourceNotReady(ABANDONED))
+        return future
 
-    def _wait(self, handle: bytes, device: int, claim: Claim, deadline: float,
-              then: Callable[[], Any] | None) -> Any:
-        key = (device, handle)
-        with self._lock:
-            self._active += 1
+    def _start(self, key: tuple[int, bytes], claim: Claim, deadline: float,
+               then: Callable[[], Any] | None, future: Future[Any]) -> None:
+        """On an opener thread: open the event, then hand the wait to the polling thread."""
+        if self._closing.is_set():
+            future.set_exception(SourceNotReady(ABANDONED))
+            return
         try:
             event = self._event(key)
-            while not cudart.event_query(event):
-                if claim.abandoned or self._closing.is_set():
-                    raise SourceNotReady(ABANDONED)
-                if time.monotonic() > deadline:
-                    raise SourceNotReady("the prefill's forward pass did not finish in time")
-                time.sleep(POLL_S)
-            return claim.run(then)
-        finally:
+        except BaseException as e:  # noqa: BLE001 - the wait's outcome
+            future.set_exception(e)
+            return
+        with self._lock:
+            closing = self._closing.is_set()
+            if not closing:
+                self._waits.append(_Wait(key, event, claim, deadline, then, future))
+        if closing:
+            self._finish(_Wait(key, event, claim, deadline, then, future),
+                         error=SourceNotReady(ABANDONED))
+            return
+        self._added.set()
+
+    def _poll(self) -> None:
+        _sleep_finely()
+        while not self._closing.is_set():
             with self._lock:
-                self._active -= 1
-                if key in self._polled:
-                    self._polled[key] -= 1
-                    if not self._polled[key]:
-                        del self._polled[key]
+                waits = list(self._waits)
+            if not waits:
+                self._added.wait()
+                self._added.clear()
+                continue
+            now = time.monotonic()
+            for w in waits:
+                try:
+                    if w.claim.abandoned:
+                        self._finish(w, error=SourceNotReady(ABANDONED))
+                    elif cudart.event_query(w.event):
+                        self._finish(w, result=w.claim.run(w.then))
+                    elif now > w.deadline:
+                        self._finish(w, error=SourceNotReady(
+                            "the prefill's forward pass did not finish in time"))
+                except BaseException as e:  # noqa: BLE001 - the wait's outcome
+                    self._finish(w, error=e)
+            time.sleep(POLL_S)
+
+    def _finish(self, w: _Wait, result: Any = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if w in self._waits:
+                self._waits.remove(w)
+            self._polled[w.key] -= 1
+            if not self._polled[w.key]:
+                del self._polled[w.key]
+        if error is not None:
+            w.future.set_exception(error)
+        else:
+            w.future.set_result(result)
 
     def _event(self, key: tuple[int, bytes]) -> Any:
-        """The opened event, marked as polled (the caller unmarks it). Opened outside the lock:
-        a CUDA call that may take a while must not hold up the other waits."""
+        """The opened event, marked as polled (`_finish` unmarks it). Opened outside the lock:
+        a CUDA call that may take a while must not hold up the polling."""
         with self._lock:
             event = self._open.get(key)
             if event is not None:
@@ -151,16 +207,17 @@ class SourceEvents:
 
     def close(self, timeout: float = 1.0) -> None:
         self._closing.set()
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                if self._active == 0:
-                    events, self._open = list(self._open.values()), OrderedDict()
-                    break
-            if time.monotonic() > deadline:
-                return  # a thread is stuck in CUDA: leave its event to the process's exit
-            time.sleep(0.01)
+        self._added.set()
+        self._openers.shutdown(wait=False)  # what is queued there fails at once
+        self._poller.join(timeout)
+        if self._poller.is_alive():
+            return  # stuck in CUDA: leave the events to the process's exit
+        with self._lock:
+            waits, self._waits = self._waits, []
+        for w in waits:
+            self._finish(w, error=SourceNotReady(ABANDONED))
+        with self._lock:
+            events, self._open = list(self._open.values()), OrderedDict()
         for event in events:
             cudart.event_destroy(event)
 

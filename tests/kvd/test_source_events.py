@@ -1,7 +1,8 @@
 """SourceEvents' waiting contract with CUDA stood in for (the GPU behaviour is
 tests/kvd/test_vram_pools.py): an event that completes ends the wait and runs `then` there,
 exactly once unless the caller abandoned it first; an abandoned send or a passed deadline ends
-it without; each handle is opened once; close destroys what was opened once no wait runs."""
+it without; one thread polls every wait; each handle is opened once; close destroys what was
+opened once no wait runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from services.common import cudart
-from services.kvd.source_events import Claim, SourceEvents, SourceNotReady
+from services.kvd.source_events import OPENERS, Claim, SourceEvents, SourceNotReady
 
 
 class FakeCuda:
@@ -99,6 +100,29 @@ def test_abandoning_while_then_runs_waits_for_it_and_gets_its_result(monkeypatch
     start = time.monotonic()
     assert claim.abandon() == (True, "queued")
     assert time.monotonic() - start >= 0.05 and waiting.result(timeout=5) == "queued"
+    events.close()
+
+
+def test_one_thread_polls_every_wait_and_runs_every_then(monkeypatch):
+    """A batch of rooms announced at once: 32 waits cost no thread each."""
+    cuda = FakeCuda(monkeypatch)
+    events = SourceEvents()
+    before = threading.active_count()
+    handles = [bytes([65 + i]) * 64 for i in range(32)]
+    ran_on = set()
+    waits = [events.wait(h, 0, Claim(), time.monotonic() + 10,
+                         lambda: ran_on.add(threading.current_thread())) for h in handles]
+    time.sleep(0.1)
+    assert not any(w.done() for w in waits)
+    assert threading.active_count() <= before + OPENERS
+    cuda.done.update(handles[:16])
+    for w in waits[:16]:
+        w.result(timeout=5)
+    assert not any(w.done() for w in waits[16:])
+    cuda.done.update(handles[16:])
+    for w in waits[16:]:
+        w.result(timeout=5)
+    assert len(ran_on) == 1
     events.close()
 
 
