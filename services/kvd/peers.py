@@ -23,6 +23,14 @@ from services.kvd.metrics import KvdMetrics
 logger = logging.getLogger(__name__)
 
 RPC_TIMEOUT = 10.0
+# A channel of its own per peer: by default gRPC shares a subchannel between channels to the
+# same address, so a "fresh" channel to a kvd restarted at its old address inherited the dead
+# one's reconnect backoff and failed at once ("Connection refused") for up to that backoff.
+# The backoff is capped too, for the peer's own channel while it is down.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1),
+                   ("grpc.initial_reconnect_backoff_ms", 250),
+                   ("grpc.min_reconnect_backoff_ms", 250),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class PeerUnavailable(RuntimeError):
@@ -63,7 +71,8 @@ class PeerDirectory:
             if old is not None and not old.is_dead and not fresh and old.sent_metadata == metadata:
                 return old
             reuse = old.channel if old is not None and not old.is_dead else None
-            peer = Peer(address, reuse if reuse is not None else grpc.aio.insecure_channel(address))
+            peer = Peer(address, reuse if reuse is not None
+                        else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
             try:
                 reply = await peer.stub.Handshake(kvd_pb2.HandshakeRequest(
                     kvd_id=self._self_id, backend=self._backend_name,
@@ -81,6 +90,8 @@ class PeerDirectory:
             if old is not None and old.kvd_id != peer.kvd_id:
                 old.is_dead = True  # it restarted: rooms bound to the old one fail at once
             self._peers[address] = peer
+            if old is not None and old.channel is not peer.channel:
+                await old.channel.close()  # or it keeps reconnecting; its calls fail now
             return peer
 
     async def heartbeat(self, peer: Peer, max_failure: int, timeout: float) -> bool:

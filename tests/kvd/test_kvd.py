@@ -10,7 +10,7 @@ import pytest
 
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.common.shm import SHM_DIR, map_segment
-from tests.procs import start_kvd, stop
+from tests.procs import start_kvd, start_kvd_at, stop
 
 LAYOUT = kvd_pb2.KvLayout(
     num_pages=64,
@@ -324,6 +324,50 @@ def test_prefill_kvd_killed_fails_waiting_room_within_heartbeats(tmp_path):
         asyncio.run(run())
     finally:
         stop(proc_a)
+        assert stop(proc_b) == 0
+
+
+def test_a_prefill_kvd_restarted_at_its_address_is_reached_at_once(tmp_path):
+    """The decode kvd's channel to a dead prefill kvd backs off between reconnects. Once a kvd
+    is back at that address, the next room must reach it at once — a fresh channel must not
+    inherit the dead one's backoff (gRPC shares subchannels between channels by default)."""
+    (proc_a, _, addr_a), (proc_b, sock_b, _) = _start_pair(tmp_path, "nixl")
+    restarted = None
+
+    async def run():
+        nonlocal restarted
+        b = _client(sock_b)
+        pb, _ = await _attach(b, "restart-d")
+        expect = asyncio.ensure_future(b.ExpectKv(kvd_pb2.ExpectKvRequest(
+            pool_id=pb.pool_id, room="before", page_ids=[1, 2], peer_address=addr_a,
+            timeout_seconds=30)))
+        await asyncio.sleep(0.3)
+        proc_a.kill()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await expect
+        assert "heartbeats" in e.value.details()
+        await asyncio.sleep(2.0)  # the dead channel's reconnect backoff has grown by now
+        restarted = start_kvd_at(tmp_path, "a2", int(addr_a.rsplit(":", 1)[1]), "nixl",
+                                 env=SHORT)
+        a2 = _client(restarted[1])
+        expect = asyncio.ensure_future(b.ExpectKv(kvd_pb2.ExpectKvRequest(
+            pool_id=pb.pool_id, room="after", page_ids=[1, 2], peer_address=addr_a,
+            timeout_seconds=30)))
+        await a2.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room="after", timeout_seconds=5),
+                                timeout=10)
+        assert not expect.done()  # bootstrapped, waiting for its KV
+        await b.ReleaseRoom(kvd_pb2.ReleaseRoomRequest(room="after"), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await expect
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+        assert await _pinned(b) == 0
+
+    try:
+        asyncio.run(run())
+    finally:
+        stop(proc_a)
+        if restarted is not None:
+            assert stop(restarted[0]) == 0
         assert stop(proc_b) == 0
 
 

@@ -316,8 +316,13 @@ def test_prefill_kvd_killed(cluster):
         # every room bootstrapped at the prefill kvd: a kill now can only be seen by heartbeats
         async with grpc.aio.insecure_channel(f"unix:{c.p.socket}") as ch:
             stub = kvd_pb2_grpc.KvdServiceStub(ch)
-            await asyncio.gather(*(stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(
-                room=room, timeout_seconds=10), timeout=15) for room in rooms))
+            booted = asyncio.ensure_future(asyncio.gather(*(stub.AwaitBootstrap(
+                kvd_pb2.AwaitBootstrapRequest(room=room, timeout_seconds=10), timeout=15)
+                for room in rooms)))
+            await asyncio.wait({booted, *decodes}, return_when=asyncio.FIRST_COMPLETED)
+            ended = [d.result() for d in decodes if d.done()]
+            assert not ended, f"decode legs ended before every room bootstrapped: {ended}"
+            await booted
         await asyncio.sleep(0.2)  # and the Bootstrap's answers back at the decode kvd
         await c.kill_kvd(c.p)
         t_kill = time.monotonic()
