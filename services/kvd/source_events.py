@@ -105,8 +105,7 @@ class SourceEvents:
         self._added = threading.Event()  # a wait was added, or closing
         self._closing = threading.Event()
         self._openers = ThreadPoolExecutor(OPENERS, thread_name_prefix="kv-source-open")
-        self._poller = threading.Thread(target=self._poll, name="kv-source-poll", daemon=True)
-        self._poller.start()
+        self._poller: threading.Thread | None = None  # started by the first wait
 
     def wait(self, handle: bytes, device: int, claim: Claim, deadline: float,
              then: Callable[[], Any] | None = None) -> Future[Any]:
@@ -133,6 +132,10 @@ class SourceEvents:
             closing = self._closing.is_set()
             if not closing:
                 self._waits.append(_Wait(key, event, claim, deadline, then, future))
+                if self._poller is None:
+                    self._poller = threading.Thread(target=self._poll, name="kv-source-poll",
+                                                    daemon=True)
+                    self._poller.start()
         if closing:
             self._finish(_Wait(key, event, claim, deadline, then, future),
                          error=SourceNotReady(ABANDONED))
@@ -209,9 +212,12 @@ class SourceEvents:
         self._closing.set()
         self._added.set()
         self._openers.shutdown(wait=False)  # what is queued there fails at once
-        self._poller.join(timeout)
-        if self._poller.is_alive():
-            return  # stuck in CUDA: leave the events to the process's exit
+        with self._lock:
+            poller = self._poller
+        if poller is not None:
+            poller.join(timeout)
+            if poller.is_alive():
+                return  # stuck in CUDA: leave the events to the process's exit
         with self._lock:
             waits, self._waits = self._waits, []
         for w in waits:
