@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.grpc_errors import RECONNECT_OPTIONS
 from services.common.proto.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway.config import WorkerSpec
 
@@ -34,9 +35,7 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 * 1024 * 1024),
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.max_pings_without_data", 0),
                    # a restarted worker is back in rotation within seconds, not minutes
-                   ("grpc.initial_reconnect_backoff_ms", 250),
-                   ("grpc.min_reconnect_backoff_ms", 250),
-                   ("grpc.max_reconnect_backoff_ms", 2000)]
+                   *RECONNECT_OPTIONS]
 
 ROLES = ("prefill", "decode", "worker")
 EXPECTED_MODE = {"prefill": "prefill", "decode": "decode", "worker": "null"}

@@ -511,8 +511,7 @@ class KvdCore:
                 try:
                     seconds = await until_done(future)
                 except TransferError as e:
-                    raise RoomError("UNAVAILABLE", f"room {req.room!r}: {e}",
-                                    "backend_error") from None
+                    raise _backend_error(req.room, e) from None
                 if aux is not None:
                     done.aux.CopyFrom(await self._await_aux(req.room, aux))
         except RoomError as e:
@@ -563,14 +562,14 @@ class KvdCore:
         try:
             return job.backend.prepare_async(job.peer, job.src, job.dst_addrs)
         except TransferError as e:
-            raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
+            raise _backend_error(room, e) from None
 
     @staticmethod
     def _issue(room: str, copy: PreparedCopy) -> QueuedCopy:
         try:
             return copy.issue()
         except TransferError as e:
-            raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
+            raise _backend_error(room, e) from None
 
     async def _answer_queued(self, room: str, done: kvd_pb2.TransferDoneRequest,
                              queued: QueuedCopy, aux: asyncio.Future[kvd_pb2.RoomAux] | None
@@ -593,7 +592,7 @@ class KvdCore:
         except TransferError as e:
             logger.error("room %s: a queued GPU copy failed after the decode side was told it "
                          "would complete: %s", room, e)
-            raise RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error") from None
+            raise _backend_error(room, e) from None
 
     async def _tell(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
                     raise_errors: bool = False) -> None:
@@ -680,8 +679,13 @@ def _source_failure(room: str, e: BaseException, timeout: float) -> BaseExceptio
         return RoomError("UNAVAILABLE", f"room {room!r}: waiting for the prefill's "
                          f"source_ready_event failed: {e}", "backend_error")
     if isinstance(e, TransferError):  # issuing the copy
-        return RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error")
+        return _backend_error(room, e)
     return e
+
+
+def _backend_error(room: str, e: TransferError) -> RoomError:
+    """A transfer backend's failure, as the room's."""
+    return RoomError("UNAVAILABLE", f"room {room!r}: {e}", "backend_error")
 
 
 async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import grpc
 
+from services.common.grpc_errors import RECONNECT_OPTIONS
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.kvd.metrics import KvdMetrics
 
@@ -27,10 +28,7 @@ RPC_TIMEOUT = 10.0
 # same address, so a "fresh" channel to a kvd restarted at its old address inherited the dead
 # one's reconnect backoff and failed at once ("Connection refused") for up to that backoff.
 # The backoff is capped too, for the peer's own channel while it is down.
-CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1),
-                   ("grpc.initial_reconnect_backoff_ms", 250),
-                   ("grpc.min_reconnect_backoff_ms", 250),
-                   ("grpc.max_reconnect_backoff_ms", 2000)]
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), *RECONNECT_OPTIONS]
 
 
 class PeerUnavailable(RuntimeError):
