@@ -36,6 +36,15 @@ def _start_pair(tmp_path, backend):
     )
 
 
+def kvd_pair(tmp_path_factory, name: str):
+    """Two nixl kvds for a module's tests (`yield from` it in a module fixture); both must
+    exit cleanly afterwards."""
+    a, b = _start_pair(tmp_path_factory.mktemp(name), "nixl")
+    yield a, b
+    for proc, _, _ in (a, b):
+        assert stop(proc) == 0
+
+
 @pytest.fixture(scope="module", params=["nixl"])
 def two_kvds(request, tmp_path_factory):
     """Shared by the tests of this module: each uses its own worker ids and rooms."""

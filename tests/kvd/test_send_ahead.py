@@ -15,16 +15,12 @@ import numpy as np
 import pytest
 
 from services.common.proto.tandem.v1 import kvd_pb2
-from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _start_pair, _unpinned
-from tests.procs import stop
+from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _unpinned, kvd_pair
 
 
 @pytest.fixture(scope="module")
 def two_kvds(tmp_path_factory):
-    a, b = _start_pair(tmp_path_factory.mktemp("kvd-ahead"), "nixl")
-    yield a, b
-    for proc, _, _ in (a, b):
-        assert stop(proc) == 0
+    yield from kvd_pair(tmp_path_factory, "kvd-ahead")
 
 
 def _request(pool_id: str, room: str, pages: list[int], peer: str, **fields):

@@ -154,6 +154,18 @@ def _assert_nothing_pinned(*stubs) -> None:
         assert all(p.pinned_pages == 0 for p in stats.pools)
 
 
+def _await_nothing_pinned(*stubs, timeout: float, why: str, poll: float) -> None:
+    """`_assert_nothing_pinned` once it holds, failing with `why` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _assert_nothing_pinned(*stubs)
+            return
+        except AssertionError:
+            assert time.monotonic() < deadline, why
+            time.sleep(poll)
+
+
 def _move(send: tuple, recv: tuple, src_gpu: int, dst_gpu: int, room: str) -> str:
     """Fill a pool on `src_gpu` (kvd `send`), move four coalesced runs of it into a pool on
     `dst_gpu` (kvd `recv`; the same kvd: the local path), check every byte; the backend."""
@@ -340,10 +352,9 @@ def test_source_ready_event_orders_kvd_reads_after_the_prefill_stream(tmp_path, 
 
 
 def test_many_rooms_sent_ahead_behind_one_event_are_all_read_after_it(tmp_path):
-    """A batched prefill announces 16 rooms at once with one forward pass's event: kvd polls
-    them on as many threads, each of which queues its room's copy (same node, ready events)
-    once the event completes. Every room must carry the bytes written just before the event,
-    and nothing may stay pinned."""
+    """A batched prefill announces 16 rooms at once with one forward pass's event: kvd's polling
+    thread queues each room's copy (same node, ready events) once the event completes. Every
+    room must carry the bytes written just before the event, and nothing may stay pinned."""
     import torch
 
     rooms, per_room, num_pages = 16, 2, 64
@@ -389,14 +400,8 @@ def test_many_rooms_sent_ahead_behind_one_event_are_all_read_after_it(tmp_path):
             assert send.result(timeout=60).backend == "local"
         landed = dst_pages[32:32 + moved].to(0)
         assert torch.equal(landed, written), "a room was read before the prefill wrote it"
-        deadline = time.monotonic() + 10  # the decode side's pages unpin as their copies land
-        while True:
-            try:
-                _assert_nothing_pinned(stub)
-                break
-            except AssertionError:
-                assert time.monotonic() < deadline, "pages stayed pinned"
-                time.sleep(0.1)
+        # the decode side's pages unpin as their copies land
+        _await_nothing_pinned(stub, timeout=10, why="pages stayed pinned", poll=0.1)
     finally:
         del src, dst
         src_map.close()
@@ -446,14 +451,8 @@ def test_a_prefill_killed_mid_forward_after_sending_ahead_wedges_nothing(tmp_pat
             pool_id=pool_id, room="later", page_ids=[7, 8], peer_address=addr_b,
             aux=kvd_pb2.RoomAux(first_token_id=4), timeout_seconds=30), timeout=20)
         assert later.result(timeout=20).aux.first_token_id == 4 and sent.kv_bytes > 0
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                _assert_nothing_pinned(a, b)
-                break
-            except AssertionError:
-                assert time.monotonic() < deadline, "pages stayed pinned behind the dead event"
-                time.sleep(0.2)
+        _await_nothing_pinned(a, b, timeout=20, why="pages stayed pinned behind the dead event",
+                              poll=0.2)
     finally:
         kill(worker)
         codes = [stop(proc) for proc, _, _ in {k[1]: k for k in kvds}.values()]

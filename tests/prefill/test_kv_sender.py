@@ -15,16 +15,12 @@ from services.common.proto.tandem.v1 import kvd_pb2
 from services.engine.kv_events import KvComputed
 from services.engine.output import RequestOutput
 from services.prefill.kv_sender import AheadSend
-from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _start_pair, _unpinned
-from tests.procs import stop
+from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _unpinned, kvd_pair
 
 
 @pytest.fixture(scope="module")
 def two_kvds(tmp_path_factory):
-    a, b = _start_pair(tmp_path_factory.mktemp("kv-sender"), "nixl")
-    yield a, b
-    for proc, _, _ in (a, b):
-        assert stop(proc) == 0
+    yield from kvd_pair(tmp_path_factory, "kv-sender")
 
 
 def _first(pages: list[int], token: int = 9) -> RequestOutput:
