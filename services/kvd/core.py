@@ -7,8 +7,11 @@ Contract (all on kvd's asyncio loop; blocking writes run on the transfer threads
 - `send_kv` (prefill node): pins the source pages, waits at most the bootstrap timeout for the
   room's Bootstrap, checks the layouts agree and the page counts match, writes the KV as one
   descriptor per run of pages adjacent on both sides, then sends TransferDone with the aux data
-  (carried through even if the send is cancelled meanwhile). A send that ends before its
-  Bootstrap came makes kvd refuse that Bootstrap later: the decode side fails at once.
+  (carried through even if the send is cancelled meanwhile). Through a backend with
+  notifications (NIXL) a successful room's TransferDone is a notification sent by the thread
+  that saw the write land (notifications.py); errors, and other backends, use the RPC. A send
+  that ends before its Bootstrap came makes kvd refuse that Bootstrap later: the decode side
+  fails at once.
 - `on_bootstrap` / `on_transfer_done`: the peer side of the two flows. A peer may only fill a
   room it was told about by the kvd it handshook with, and only the pages bound to that room.
 - Sent ahead (`send_kv(req, aux=future)`, SendKvAhead): the aux data (first token) comes
@@ -16,7 +19,8 @@ Contract (all on kvd's asyncio loop; blocking writes run on the transfer threads
   too (at most a waiting timeout; a send whose aux never comes fails the room on both sides).
   A `source_ready_event` (VRAM pools only) orders the reads after the prefill's forward pass:
   kvd waits for it on a thread of its own (source_events.py) before it reads anything, and
-  gives up when the send is cancelled or the waiting timeout passes.
+  gives up when the send is cancelled or the waiting timeout passes. A NIXL write is prepared
+  beforehand and posted by that thread the moment the event completes.
 - Same node, GPU to GPU, when the decode worker set `accept_ready_event`: the copies are queued
   (on the loop thread, bypassing the transfer queues), the decode side is answered at once
   (once the aux is known) with the CUDA IPC event that completes after them, and SendKv
@@ -31,16 +35,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import grpc
 
 from services.common import cudart
 from services.common.proto.tandem.v1 import kvd_pb2
+from services.kvd import notifications
 from services.kvd.backends.base import TransferBackend, TransferError
 from services.kvd.backends.local_backend import LocalBackend, PreparedCopy, QueuedCopy
+from services.kvd.backends.nixl_backend import PostedWrite, PreparedWrite
 from services.kvd.config import TransferSettings
 from services.kvd.metrics import KvdMetrics, PoolSnapshot, Snapshot, failure_reason
+from services.kvd.notifications import Notice, NotificationListener, notifies
 from services.kvd.peers import Peer, PeerDirectory
 from services.kvd.pools import (
     PageError,
@@ -51,7 +61,7 @@ from services.kvd.pools import (
     coalesce,
 )
 from services.kvd.source_events import Claim, SourceEvents, SourceNotReady
-from services.kvd.transfer import TransferJob, TransferQueues, until_done
+from services.kvd.transfer import TransferJob, TransferQueues, timed_write, until_done
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +88,7 @@ class _RecvRoom:
     released: asyncio.Event = field(default_factory=asyncio.Event)  # the worker gave up
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # no write can land any more
     is_bootstrapped: bool = False  # `peer` took the bootstrap: its heartbeats now count
+    listens: bool = False  # counted by the notification listener until it closes
     wakeup: asyncio.Future[None] | None = None  # what the waiting ExpectKv awaits
 
     def wake(self) -> None:
@@ -124,6 +135,9 @@ class KvdCore:
         self._given_up: set[str] = set()  # rooms whose send ended before their bootstrap came
         self._pushing: dict[str, asyncio.Event] = {}  # room -> set when its write has ended
         self.source_events = SourceEvents()  # prefill workers' events, opened here
+        # TransferDone by backend notification (NIXL), polled only while rooms wait for one
+        self.listener = (NotificationListener(backend, self._on_notification)
+                         if notifies(backend) else None)
 
     @property
     def num_open_rooms(self) -> int:
@@ -159,6 +173,9 @@ class KvdCore:
             room = _RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future(),
                              accepts_ready_event=req.accept_ready_event)
             self._recv[req.room] = room
+            if self.listener is not None and peer.kvd_id != self.kvd_id:
+                room.listens = True
+                self.listener.expect()
             may_be_written = True
             try:
                 await self._bootstrap(req.peer_address, room, kvd_pb2.BootstrapRequest(
@@ -259,6 +276,8 @@ class KvdCore:
     def _close_recv(self, name: str, pool: Pool, room: _RecvRoom | None) -> None:
         if room is not None and self._recv.get(name) is room:
             del self._recv[name]
+            if room.listens and self.listener is not None:
+                self.listener.forget()
         if room is None or not room.drained.is_set():
             self.pools.unpin(pool, name)
         if room is not None:
@@ -266,8 +285,10 @@ class KvdCore:
             if not room.done.done():
                 room.done.cancel()
 
-    def on_transfer_done(self, req: kvd_pb2.TransferDoneRequest, ready_event: bytes = b"") -> None:
-        """The prefill side's report (`ready_event`: set only in-process, by a queued copy)."""
+    def on_transfer_done(self, req: kvd_pb2.TransferDoneRequest, ready_event: bytes = b"",
+                         via: str = "rpc") -> None:
+        """The prefill side's report (`ready_event`: set only in-process, by a queued copy;
+        `via`: how it came, for the metrics)."""
         room = self._recv.get(req.room)
         if room is None:
             raise RoomError("NOT_FOUND", f"room {req.room!r} is not expected here")
@@ -281,7 +302,31 @@ class KvdCore:
                                               "sender_failed"))
         else:
             room.done.set_result((req.aux, req.kv_bytes, ready_event))
+            self.metrics.transfer_done.labels(via).inc()
         room.wake()
+
+    def _on_notification(self, sender: str, message: bytes) -> None:
+        """A backend notification (notifications.py): a prefill kvd's TransferDone, taken only
+        from the agent of the kvd the room was bootstrapped with."""
+        try:
+            done = notifications.decode(message)
+        except ValueError as e:
+            logger.warning("dropped a notification from %s: %s", sender, e)
+            return
+        room = self._recv.get(done.room)
+        if room is None:
+            logger.info("TransferDone notification for room %s, which is no longer expected "
+                        "here", done.room)
+            return
+        agent = _agent_of(self.backend, room.peer.backend_metadata)
+        if agent != sender:
+            logger.warning("dropped a TransferDone notification for room %s from agent %s: it "
+                           "expects one from %s", done.room, sender, agent)
+            return
+        try:
+            self.on_transfer_done(done, via="notification")
+        except RoomError as e:
+            logger.warning("TransferDone notification for room %s: %s", done.room, e)
 
     async def heartbeat_loop(self) -> None:
         """Fail the rooms waiting on a prefill kvd that stopped answering."""
@@ -487,32 +532,39 @@ class KvdCore:
         peer = await self.peers.get(known.address)
         is_local = boot.kvd_id == self.kvd_id
         done = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=self.kvd_id, aux=req.aux)
-        told = False  # the decode side has its answer already (a queued copy's ready event)
-        landing: asyncio.Future[float] | None = None  # a queued copy, until done
+        told = False  # the decode side has its answer (a ready event, or a notification)
+        landing: asyncio.Future[Any] | None = None  # a queued copy or posted write, until done
         try:
             job, num_runs = self._job(req, pool, page_ids, boot, known)
             done.kv_bytes = job.num_bytes
-            copy = self._prepare_copy(req.room, job) if is_local else None
+            notice = self._notice(known, is_local, done, aux)
+            copy = self._prepare_copy(req.room, job, ahead=source is not None)
             if source is not None:
-                queued = await self._await_source(req, source, copy)
+                issued = await self._await_source(req, source, copy)
             else:
-                queued = self._issue(req.room, copy) if copy is not None else None
-            if queued is not None:
-                landing = asyncio.get_running_loop().run_in_executor(None, queued.wait)
+                issued = self._issue(req.room, copy) if copy is not None else None
+            loop = asyncio.get_running_loop()
+            if issued is not None and issued.ready_event:
+                landing = loop.run_in_executor(None, issued.wait)
                 recv = self._recv.get(req.room)  # kept until this send ends (_drain waits)
                 if recv is not None:
                     recv.landing = landing
-                await self._answer_queued(req.room, done, queued, aux)
+                await self._answer_queued(req.room, done, issued, aux)
                 told = True
                 seconds = await self._landed(req.room, landing)
                 shard = self.queues.shard_of(self.kvd_id)
             else:
-                future, shard = self.queues.submit(boot.kvd_id, job)
+                if issued is not None:  # posted by the thread that saw the pages ready
+                    landing = loop.run_in_executor(None, _land, issued.wait, notice)
+                    future, shard = landing, self.queues.shard_of(boot.kvd_id)
+                else:
+                    future, shard = self.queues.call(
+                        boot.kvd_id, partial(_land, partial(timed_write, job), notice))
                 try:
-                    seconds = await until_done(future)
+                    seconds, told = await until_done(future)
                 except TransferError as e:
                     raise _backend_error(req.room, e) from None
-                if aux is not None:
+                if aux is not None and not told:
                     done.aux.CopyFrom(await self._await_aux(req.room, aux))
         except RoomError as e:
             self.metrics.transfer_failures.labels(e.reason).inc()
@@ -551,21 +603,49 @@ class KvdCore:
             raise RoomError("DEADLINE_EXCEEDED", f"room {room!r}: the prefill worker sent no "
                             f"first token within {timeout:g}s of its KV", "timeout") from None
 
-    def _prepare_copy(self, room: str, job: TransferJob) -> PreparedCopy | None:
-        """The same-node GPU copies of a room whose decode worker accepts a ready event,
-        planned, to be queued; None when that does not apply (the transfer queues then write
-        it)."""
-        recv = self._recv.get(room)
-        if (recv is None or not recv.accepts_ready_event
-                or not isinstance(job.backend, LocalBackend)):
-            return None
+    def _prepare_copy(self, room: str, job: TransferJob, ahead: bool
+                      ) -> PreparedCopy | PreparedWrite | None:
+        """The room's transfer planned, for the thread that sees its pages ready (`ahead`)
+        or this loop to issue: the same-node GPU copies of a room whose decode worker accepts
+        a ready event, or (`ahead`) a backend's write that can be prepared (NIXL). None when
+        neither applies: the transfer queues write it."""
         try:
-            return job.backend.prepare_async(job.peer, job.src, job.dst_addrs)
+            if isinstance(job.backend, LocalBackend):
+                recv = self._recv.get(room)
+                if recv is None or not recv.accepts_ready_event:
+                    return None
+                return job.backend.prepare_async(job.peer, job.src, job.dst_addrs)
+            prepare = getattr(job.backend, "prepare_write", None)
+            if not ahead or prepare is None:
+                return None
+            return prepare(job.peer, job.src, job.dst_addrs)
         except TransferError as e:
             raise _backend_error(room, e) from None
 
+    def _notice(self, known: _KnownPeer, is_local: bool, done: kvd_pb2.TransferDoneRequest,
+                aux: asyncio.Future[kvd_pb2.RoomAux] | None) -> Notice | None:
+        """The room's TransferDone as a notification the transfer thread sends (NIXL peers),
+        its message set once the aux data is known; None where the RPC tells."""
+        if is_local or not notifies(self.backend):
+            return None
+        notice = Notice(self.backend, known.handle)
+
+        def fill(aux_data: kvd_pb2.RoomAux | None) -> None:
+            message = kvd_pb2.TransferDoneRequest()
+            message.CopyFrom(done)
+            if aux_data is not None:
+                message.aux.CopyFrom(aux_data)
+            notice.message = notifications.encode(message)
+
+        if aux is None:
+            fill(None)
+        else:
+            aux.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else fill(f.result()))
+        return notice
+
     @staticmethod
-    def _issue(room: str, copy: PreparedCopy) -> QueuedCopy:
+    def _issue(room: str, copy: PreparedCopy | PreparedWrite) -> QueuedCopy | PostedWrite:
         try:
             return copy.issue()
         except TransferError as e:
@@ -579,7 +659,7 @@ class KvdCore:
         if aux is not None:
             done.aux.CopyFrom(await self._await_aux(room, aux))
         try:
-            self.on_transfer_done(done, ready_event=queued.ready_event)
+            self.on_transfer_done(done, ready_event=queued.ready_event, via="in_process")
         except RoomError as e:  # the decode side gave up while the aux was awaited
             raise RoomError("ABORTED", f"room {room!r}: the decode side did not take its KV: "
                             f"{e}", "notify_failed") from None
@@ -610,7 +690,7 @@ class KvdCore:
             await _notify(peer, done, raise_errors)
             return
         try:
-            self.on_transfer_done(done)
+            self.on_transfer_done(done, via="in_process")
         except RoomError as e:
             logger.warning("TransferDone for room %s here failed: %s", done.room, e)
             if raise_errors:
@@ -681,6 +761,21 @@ def _source_failure(room: str, e: BaseException, timeout: float) -> BaseExceptio
     if isinstance(e, TransferError):  # issuing the copy
         return _backend_error(room, e)
     return e
+
+
+def _land(wait: Callable[[], float], notice: Notice | None) -> tuple[float, bool]:
+    """On the thread that waits for a write: its seconds, and whether the decode side was
+    told by notification the moment it landed."""
+    seconds = wait()
+    return seconds, notice is not None and notice.send()
+
+
+def _agent_of(backend: TransferBackend, metadata: bytes) -> str | None:
+    """The backend peer that metadata from a handshake names (None if it names none)."""
+    try:
+        return backend.peer_name(metadata)  # type: ignore[attr-defined]
+    except (AttributeError, TransferError):
+        return None
 
 
 def _backend_error(room: str, e: TransferError) -> RoomError:

@@ -96,6 +96,10 @@ class KvdMetrics:
         self.rooms_completed = Counter("tandem_kvd_rooms_completed",
                                        "rooms whose KV landed, by side: send (prefill node), "
                                        "recv (decode node)", ["side"], registry=r)
+        self.transfer_done = Counter("tandem_kvd_transfer_done",
+                                     "prefill kvds' reports of a room's KV taken here (decode "
+                                     "node), by how they came: notification (NIXL), rpc, "
+                                     "in_process (same node)", ["via"], registry=r)
         self.rooms_failed = Counter("tandem_kvd_rooms_failed",
                                     "rooms that failed, timed out or were cancelled",
                                     ["side", "reason"], registry=r)

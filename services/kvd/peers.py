@@ -42,6 +42,7 @@ class Peer:
         self.stub = kvd_pb2_grpc.KvdPeerServiceStub(channel)
         self.kvd_id: str | None = None
         self.sent_metadata = b""  # this kvd's backend metadata as of the last handshake
+        self.backend_metadata = b""  # the peer's, from its handshake reply
         self.failures = 0
         self.is_dead = False
 
@@ -85,6 +86,7 @@ class PeerDirectory:
                 ) from None
             peer.kvd_id = reply.kvd_id
             peer.sent_metadata = metadata
+            peer.backend_metadata = reply.backend_metadata
             if old is not None and old.kvd_id != peer.kvd_id:
                 old.is_dead = True  # it restarted: rooms bound to the old one fail at once
             self._peers[address] = peer

@@ -256,6 +256,8 @@ class KvdServer:
         """Close the backends, then release the pools' memory (a backend may still use
         registered memory until closed). Idempotent; also the path when serving failed."""
         try:
+            if self.core.listener is not None:  # it reads the backend's notifications
+                self.core.listener.close()
             self.core.backend.close()
             self.core.local_backend.close()
             self.core.source_events.close()

@@ -29,8 +29,6 @@ every wait and destroys the events (unless the polling thread is stuck in CUDA p
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -40,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common import cudart
+from services.common.timer_slack import use_fine_timer_slack
 
-POLL_S = 50e-6  # between two rounds of queries (see _sleep_finely)
+POLL_S = 50e-6  # between two rounds of queries (with fine timer slack)
 OPENERS = 4  # threads opening handles
-PR_SET_TIMERSLACK = 29  # prctl(2)
 ABANDONED = "the send was abandoned before the prefill's KV was ready"
 
 
@@ -143,7 +141,7 @@ class SourceEvents:
         self._added.set()
 
     def _poll(self) -> None:
-        _sleep_finely()
+        use_fine_timer_slack()
         while not self._closing.is_set():
             with self._lock:
                 waits = list(self._waits)
@@ -226,14 +224,3 @@ class SourceEvents:
             events, self._open = list(self._open.values()), OrderedDict()
         for event in events:
             cudart.event_destroy(event)
-
-
-def _sleep_finely() -> None:
-    """Let this thread's sleeps overshoot by ~1 us rather than Linux's default 50 us of timer
-    slack: a poll's latency is what is left of its sleep (a 50 us sleep took 125 us -> 83 us on
-    a 2-core VM)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.common.shm import SHM_DIR, map_segment
+from services.kvd import notifications
 from tests.procs import start_kvd, start_kvd_at, stop
 
 LAYOUT = kvd_pb2.KvLayout(
@@ -82,6 +89,19 @@ async def _unpinned(stub, seconds: float = 5.0) -> bool:
     return True
 
 
+async def _reports(stub) -> dict[str, float]:
+    """The kvd's tandem_kvd_transfer_done_total by how the reports came."""
+    stats = await stub.Stats(kvd_pb2.StatsRequest())
+    with urllib.request.urlopen(f"http://{stats.metrics_address}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    counts = {"notification": 0.0, "rpc": 0.0, "in_process": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tandem_kvd_transfer_done_total":
+                counts[sample.labels["via"]] = sample.value
+    return counts
+
+
 def test_pages_cross_between_kvds_byte_exact(two_kvds):
     (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
 
@@ -91,6 +111,7 @@ def test_pages_cross_between_kvds_byte_exact(two_kvds):
         page = pa.total_bytes // LAYOUT.num_pages
         va[:] = np.random.default_rng(0).integers(0, 255, va.size, dtype=np.uint8)
         src, dst = [3, 4, 5, 9, 10], [20, 21, 7, 30, 31]
+        before = await _reports(b)
         expect = asyncio.ensure_future(
             b.ExpectKv(
                 kvd_pb2.ExpectKvRequest(
@@ -110,6 +131,8 @@ def test_pages_cross_between_kvds_byte_exact(two_kvds):
         got = await expect
         assert got.aux.first_token_id == 42 and got.kv_bytes == 5 * page
         assert sent.num_descriptors == 3 and sent.backend == "nixl"
+        # the decode side heard of it by NIXL notification, from the writing thread, not by RPC
+        assert await _reports(b) == {**before, "notification": before["notification"] + 1}
         for s, d in zip(src, dst, strict=True):
             assert (vb[d * page : (d + 1) * page] == va[s * page : (s + 1) * page]).all()
         untouched = np.ones(LAYOUT.num_pages, bool)
@@ -479,6 +502,75 @@ def test_peer_surface_refuses_strangers_unknown_rooms_and_foreign_pages(two_kvds
         assert await _unpinned(b)  # the bootstrapped room drains (waiting timeout 2 s in SHORT)
 
     asyncio.run(run())
+
+
+_IMPOSTOR = """
+import os, sys
+from services.kvd.backends.nixl_backend import NixlBackend
+backend = NixlBackend()
+print("metadata", backend.metadata().hex(), flush=True)
+peer = backend.connect(bytes.fromhex(sys.stdin.readline()))
+for line in sys.stdin:
+    backend.notify(peer, bytes.fromhex(line))
+    print("sent", "ok", flush=True)
+os._exit(0)  # UCX segfaults at a normal exit (DESIGN.md)
+"""
+
+
+def test_a_transfer_done_notification_counts_only_from_the_rooms_prefill_kvd(two_kvds, tmp_path):
+    """Another NIXL agent that handshook with the decode kvd cannot complete a room expected
+    from kvd a by notification, even naming a's kvd id; garbage is dropped. Both are logged."""
+    (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
+    impostor = subprocess.Popen([sys.executable, "-c", _IMPOSTOR], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env={
+                                    **os.environ, "UCX_MODULES": "^ib"})
+
+    def said(what: str) -> str:
+        """The impostor's next line about `what` (NIXL prints lines of its own)."""
+        while line := impostor.stdout.readline():
+            if line.startswith(what + " "):
+                return line.split()[1]
+        raise AssertionError(f"the impostor ended before saying {what}")
+
+    def say(line: str) -> None:
+        impostor.stdin.write(line + "\n")
+        impostor.stdin.flush()
+
+    async def run():
+        b = _client(sock_b)
+        (pb, vb) = await _attach(b, "forged-d")
+        async with grpc.aio.insecure_channel(addr_b) as ch_b, \
+                grpc.aio.insecure_channel(addr_a) as ch_a:
+            a_id = (await kvd_pb2_grpc.KvdPeerServiceStub(ch_a).Heartbeat(
+                kvd_pb2.HeartbeatRequest(kvd_id="test"))).kvd_id
+            metadata = bytes.fromhex(said("metadata"))
+            reply = await kvd_pb2_grpc.KvdPeerServiceStub(ch_b).Handshake(
+                kvd_pb2.HandshakeRequest(kvd_id="impostor", backend="nixl",
+                                         backend_metadata=metadata,
+                                         peer_address="127.0.0.1:1"))
+            say(reply.backend_metadata.hex())
+            expect = asyncio.ensure_future(b.ExpectKv(kvd_pb2.ExpectKvRequest(
+                pool_id=pb.pool_id, room="forged", page_ids=[4], peer_address=addr_a,
+                timeout_seconds=1.5)))
+            await asyncio.sleep(0.5)  # bootstrapped with kvd a: the listener polls
+            forged = kvd_pb2.TransferDoneRequest(room="forged", kvd_id=a_id, kv_bytes=1,
+                                                 aux=kvd_pb2.RoomAux(first_token_id=1))
+            say((notifications.PREFIX + forged.SerializeToString()).hex())
+            say(b"garbage".hex())
+            assert said("sent") == said("sent") == "ok"
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await expect
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # not completed
+        assert await _unpinned(b)
+
+    try:
+        asyncio.run(run())
+    finally:
+        impostor.kill()
+        impostor.wait()
+    log = (Path(sock_b).parent / "b.log").read_text()
+    assert "dropped a TransferDone notification for room forged" in log
+    assert "dropped a notification from" in log
 
 
 @pytest.mark.parametrize("surface, method", [

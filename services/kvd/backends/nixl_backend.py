@@ -32,6 +32,7 @@ import uuid
 
 import numpy as np
 
+from services.common.timer_slack import use_fine_timer_slack
 from services.kvd.backends.base import BackendUnavailable, TransferError
 from services.kvd.backends.shared import (
     HOST,
@@ -49,10 +50,11 @@ DEFAULT_PLUGIN = "UCX"
 _HEADER = struct.Struct("<4sHI")  # magic, len(name), number of regions
 _REGION = struct.Struct("<QQq")  # addr, length, tag (shared.HOST or the GPU's device id)
 _MAGIC = b"TNX2"
-_MAX_POLL_SLEEP_S = 1e-3
-# Polls of a write's state pause 1/16 of the time it has run (20 us .. 1 ms): a write is seen
-# done at most ~6% late (doubling pauses could see a 1.4 ms VRAM write ~0.9 ms late).
-_POLL_FRACTION = 1 / 16
+# Polls of a write's state pause 1/64 of the time it has run (10 us .. 1 ms), with fine timer
+# slack: a 1.4 ms VRAM write is seen done ~20 us late (doubling pauses saw it up to 0.9 ms
+# late, and 1/16 with Linux's default 50 us of slack ~0.1 ms).
+_POLL_FRACTION = 1 / 64
+_MIN_POLL_S, _MAX_POLL_S = 10e-6, 1e-3
 # The progress thread's pause between idle polls. nixl_agent hard-codes 0, and the thread then
 # spins a core even when no transfer is running (measured: 60% of a core on an idle kvd, and
 # writes over UCX_TLS=tcp ~3x slower on 2 cores); 100 us costs ~1% of a core and no bandwidth.
@@ -201,9 +203,18 @@ class NixlBackend:
         return peer
 
     def write(self, peer: str, src: list[tuple[int, int]], dst_addrs: list[int]) -> None:
+        prepared = self.prepare_write(peer, src, dst_addrs)
+        if prepared is not None:
+            prepared.issue().wait()
+
+    def prepare_write(self, peer: str, src: list[tuple[int, int]],
+                      dst_addrs: list[int]) -> PreparedWrite | None:
+        """`write` up to posting it: checked and made into a NIXL transfer (descriptor lists
+        and NIXL's handle: most of a small write's cost), so that kvd can post it from the
+        thread that sees the source pages become ready. None for an empty batch."""
         src_addrs, lengths, dsts = batch_arrays(src, dst_addrs)
         if len(lengths) == 0:
-            return
+            return None
         with self._lock:
             peer_regions = self._peer_regions.get(peer)
             is_closed = self._is_closed
@@ -223,10 +234,6 @@ class NixlBackend:
                     f"descriptor {i} is outside memory registered {where}"
                 )
         local_type, remote_type = _mem_type(src_tags, "source"), _mem_type(dst_tags, "destination")
-        if local_type == "VRAM":  # UCX's CUDA transports work in the calling thread's context
-            from services.common import cudart
-
-            cudart.set_device(int(src_tags[0]))
         # [num_descs, 3] = (addr, length, device id); host memory's device id is 0
         local = np.stack([src_addrs, lengths, np.maximum(src_tags, 0).astype(np.uint64)], axis=1)
         remote = np.stack([dsts, lengths, np.maximum(dst_tags, 0).astype(np.uint64)], axis=1)
@@ -243,36 +250,36 @@ class NixlBackend:
                 f"{type(e).__name__}: {e} (every destination must be inside memory the peer "
                 "had registered when it made the metadata this side last connected with)"
             ) from e
-        try:
-            self._wait(peer, handle, len(lengths))
-        finally:
-            try:
-                self._agent.release_xfer_handle(handle)
-            except Exception:  # NIXL keeps a handle it cannot cancel and frees it at the end
-                logger.warning("nixl: could not release a transfer to %s", peer, exc_info=True)
+        device = int(src_tags[0]) if local_type == "VRAM" else None
+        return PreparedWrite(self, handle, f"nixl: write of {len(lengths)} descriptors to {peer}",
+                             device)
 
-    def _wait(self, peer: str, handle: object, num_descs: int) -> None:
-        what = f"nixl: write of {num_descs} descriptors to {peer}"
-        deadline = time.monotonic() + self._timeout_s
+    def _release(self, handle: object, what: str) -> None:
         try:
-            state = self._agent.transfer(handle)
-            started, sleep_s = time.monotonic(), 0.0
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise TransferError(f"{what} not done after {self._timeout_s:.1f}s")
-                if sleep_s:
-                    time.sleep(sleep_s)
-                elapsed = time.monotonic() - started
-                sleep_s = min(max(elapsed * _POLL_FRACTION, 20e-6), _MAX_POLL_SLEEP_S)
-                state = self._agent.check_xfer_state(handle)
-        except TransferError:
-            raise
-        except Exception as e:  # e.g. nixlRemoteDisconnectError when the peer died
-            raise TransferError(f"{what} failed: {type(e).__name__}: {e}") from e
-        if state != "DONE":
-            raise TransferError(
-                f"{what} failed ({state}); the peer may have exited or the connection dropped"
-            )
+            self._agent.release_xfer_handle(handle)
+        except Exception:  # NIXL keeps a handle it cannot cancel and frees it at the end
+            logger.warning("%s: could not release the transfer", what, exc_info=True)
+
+    def notify(self, peer: str, message: bytes) -> None:
+        """Send `message` to the peer's agent, where its `notifications()` returns it; the
+        peer need not have connected to this side. Send it after the writes it reports have
+        completed (NIXL does not order it after writes still in flight); it is lost if the
+        connection is."""
+        try:
+            self._agent.send_notif(peer, message)
+        except Exception as e:
+            raise TransferError(f"nixl: notification to {peer} failed: "
+                                f"{type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def peer_name(metadata: bytes) -> str:
+        """The agent a peer's metadata names (see `peer_name`)."""
+        return peer_name(metadata)
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        """(sending agent, message) of every notification received since the last call."""
+        return [(agent, message) for agent, messages in self._agent.get_new_notifs().items()
+                for message in messages]
 
     def close(self) -> None:
         with self._lock:
@@ -293,6 +300,95 @@ class NixlBackend:
                 self._agent.deregister_memory(descs)
             except Exception:
                 logger.warning("nixl: could not deregister memory", exc_info=True)
+
+
+class PreparedWrite:
+    """A write made by `NixlBackend.prepare_write`, not posted yet. `issue()` posts it from the
+    calling thread (VRAM sources: that thread's current device becomes the source's, which
+    UCX's CUDA transports copy with) and returns its `PostedWrite`; raises `TransferError`.
+    `discard()` frees it unposted. Call exactly one of them, once."""
+
+    ready_event = b""  # no event another process could wait on: the caller waits itself
+
+    def __init__(self, backend: NixlBackend, handle: object, what: str,
+                 device: int | None) -> None:
+        self._backend = backend
+        self._handle = handle
+        self._what = what
+        self._device = device
+
+    def issue(self) -> PostedWrite:
+        backend, handle = self._backend, self._handle
+        try:
+            if self._device is not None:
+                from services.common import cudart
+
+                cudart.set_device(self._device)
+            started = time.perf_counter()
+            state = backend._agent.transfer(handle)
+        except Exception as e:  # e.g. nixlRemoteDisconnectError when the peer died
+            backend._release(handle, self._what)
+            raise TransferError(f"{self._what} failed: {type(e).__name__}: {e}") from e
+        if state == "ERR":
+            backend._release(handle, self._what)
+            raise TransferError(f"{self._what} failed ({state}); the peer may have exited or "
+                                "the connection dropped")
+        return PostedWrite(backend, handle, self._what, started, state)
+
+    def discard(self) -> None:
+        self._backend._release(self._handle, self._what)
+
+
+class PostedWrite:
+    """A posted NIXL write. `wait()` blocks until it has landed in the peer's memory and
+    returns the seconds since it was posted, or raises `TransferError` (it failed, or the
+    backend's timeout passed: its bytes may still land later). Call it exactly once, from
+    any thread: it polls the write's state, `_POLL_FRACTION` of the time it has run apart,
+    and frees the transfer."""
+
+    ready_event = b""
+
+    def __init__(self, backend: NixlBackend, handle: object, what: str, started: float,
+                 state: str) -> None:
+        self._backend = backend
+        self._handle = handle
+        self._what = what
+        self._started = started
+        self._state = state
+
+    def wait(self) -> float:
+        backend, handle, what = self._backend, self._handle, self._what
+        timeout = backend._timeout_s
+        use_fine_timer_slack()
+        try:
+            state = self._state
+            while state == "PROC":
+                elapsed = time.perf_counter() - self._started
+                if elapsed > timeout:
+                    raise TransferError(f"{what} not done after {timeout:.1f}s")
+                time.sleep(min(max(elapsed * _POLL_FRACTION, _MIN_POLL_S), _MAX_POLL_S))
+                state = backend._agent.check_xfer_state(handle)
+            seconds = time.perf_counter() - self._started
+        except TransferError:
+            raise
+        except Exception as e:  # e.g. nixlRemoteDisconnectError when the peer died
+            raise TransferError(f"{what} failed: {type(e).__name__}: {e}") from e
+        finally:
+            backend._release(handle, what)
+        if state != "DONE":
+            raise TransferError(
+                f"{what} failed ({state}); the peer may have exited or the connection dropped"
+            )
+        return seconds
+
+
+def peer_name(metadata: bytes) -> str:
+    """The agent name in a Tandem nixl backend's `metadata()`: the peer handle `connect` would
+    return for it, and the sender `notifications()` names for its notifications."""
+    if len(metadata) <= _HEADER.size or metadata[:4] != _MAGIC:
+        raise TransferError("nixl: peer metadata is not from a Tandem nixl backend")
+    _, name_len, _ = _HEADER.unpack_from(metadata)
+    return metadata[_HEADER.size : _HEADER.size + name_len].decode(errors="replace")
 
 
 def _mem_type(tags: np.ndarray, what: str) -> str:

@@ -1,0 +1,150 @@
+"""TransferDone as a transfer-backend notification instead of a gRPC call (NIXL).
+
+A prefill kvd that has written a room's KV through NIXL tells the decode kvd over the same
+NIXL connection: the notification leaves from the thread that saw the write land, with the
+room's aux data (first token) in it, and needs neither the prefill kvd's event loop nor a
+gRPC round trip (DESIGN.md: "then a notification carrying the aux data"). Errors, and
+backends without notifications, still go by the TransferDone RPC.
+
+Contract.
+- A notification's message is `PREFIX` + a serialized `TransferDoneRequest` (never an error:
+  those go by RPC). `encode` / `decode` make and read it; `decode` raises ValueError on
+  anything else.
+- Prefill side, `Notice`: the transfer thread calls `send()` once the write has landed; it
+  sends `message` if the loop has set it by then (the aux data is known) and returns whether it
+  did. If it did not, or the backend refused, the loop tells the decode side itself.
+- Decode side, `NotificationListener(backend, deliver)`: while at least one room waits
+  (`expect()` / `forget()` around each), a thread of its own polls `backend.notifications()`
+  POLL_S apart and hands each (sending agent, message) to `deliver` on the event loop that
+  first called `expect()`. A notification for a room nobody waits for any more is delivered
+  too (`deliver` drops it). `close()` stops the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from services.common.proto.tandem.v1 import kvd_pb2
+from services.common.timer_slack import use_fine_timer_slack
+
+logger = logging.getLogger(__name__)
+
+PREFIX = b"tandem-kvd-transfer-done:"
+POLL_S = 25e-6  # between two polls while rooms wait (with fine timer slack)
+
+
+class NotifyingBackend(Protocol):
+    def notify(self, peer: str, message: bytes) -> None: ...
+
+    def notifications(self) -> list[tuple[str, bytes]]: ...
+
+
+def encode(done: kvd_pb2.TransferDoneRequest) -> bytes:
+    if done.error:
+        raise ValueError("a failed room's TransferDone goes by RPC, not by notification")
+    return PREFIX + done.SerializeToString()
+
+
+def decode(message: bytes) -> kvd_pb2.TransferDoneRequest:
+    if not message.startswith(PREFIX):
+        raise ValueError(f"not a kvd TransferDone notification: {message[:32]!r}")
+    done = kvd_pb2.TransferDoneRequest()
+    try:
+        done.ParseFromString(message[len(PREFIX):])
+    except Exception as e:  # protobuf's DecodeError
+        raise ValueError(f"a malformed TransferDone notification: {e}") from None
+    if not done.room or done.error:
+        raise ValueError("a TransferDone notification must name a room and carry no error")
+    return done
+
+
+def notifies(backend: object) -> bool:
+    """Whether `backend` can carry TransferDone as a notification."""
+    return callable(getattr(backend, "notify", None)) and callable(
+        getattr(backend, "notifications", None))
+
+
+class Notice:
+    """One room's TransferDone notification, sent from the transfer thread (see the module
+    doc). `message` is set on the loop, once the aux data is known."""
+
+    def __init__(self, backend: NotifyingBackend, peer: str) -> None:
+        self._backend = backend
+        self._peer = peer
+        self.message: bytes | None = None
+
+    def send(self) -> bool:
+        message = self.message  # read once: the loop may set it meanwhile
+        if message is None:
+            return False
+        try:
+            self._backend.notify(self._peer, message)
+        except Exception as e:  # noqa: BLE001 - the loop falls back to the RPC
+            logger.warning("TransferDone notification to %s failed, sending it by RPC: %s",
+                           self._peer, e)
+            return False
+        return True
+
+
+class NotificationListener:
+    def __init__(self, backend: NotifyingBackend,
+                 deliver: Callable[[str, bytes], None]) -> None:
+        self._backend = backend
+        self._deliver = deliver
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._waiting = 0  # rooms expecting a notification (_lock)
+        self._wanted = threading.Event()  # set while _waiting > 0, or closing
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def expect(self) -> None:
+        """A room now waits (on the event loop)."""
+        with self._lock:
+            self._waiting += 1
+            self._wanted.set()
+            if self._thread is None and not self._closing:
+                self._loop = asyncio.get_running_loop()
+                self._thread = threading.Thread(target=self._poll, name="kvd-notifications",
+                                                daemon=True)
+                self._thread.start()
+
+    def forget(self) -> None:
+        """A room that `expect()`ed no longer waits."""
+        with self._lock:
+            self._waiting -= 1
+            if self._waiting <= 0 and not self._closing:
+                self._wanted.clear()
+
+    def _poll(self) -> None:
+        use_fine_timer_slack()
+        loop = self._loop
+        assert loop is not None
+        while True:
+            self._wanted.wait()
+            if self._closing:
+                return
+            try:
+                received = self._backend.notifications()
+            except Exception:  # noqa: BLE001 - keep listening; rooms still time out
+                logger.exception("reading transfer notifications failed")
+                received = []
+            for sender, message in received:
+                try:
+                    loop.call_soon_threadsafe(self._deliver, sender, message)
+                except RuntimeError:  # the loop is closed: kvd is stopping
+                    return
+            time.sleep(POLL_S)
+
+    def close(self, timeout: float = 1.0) -> None:
+        with self._lock:
+            self._closing = True
+            self._wanted.set()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)

@@ -1,0 +1,136 @@
+"""TransferDone as a backend notification (services/kvd/notifications.py), without NIXL: the
+message format, the prefill side's `Notice`, the decode side's listener. (Between two real
+kvds over NIXL: tests/kvd/test_kvd.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from services.common.proto.tandem.v1 import kvd_pb2
+from services.kvd import notifications
+from services.kvd.notifications import Notice, NotificationListener, notifies
+
+
+class _Backend:
+    """Notifications in memory: `notify` records, `notifications` hands out `inbox`."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.inbox: list[tuple[str, bytes]] = []
+        self.polls = 0
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def notify(self, peer: str, message: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("connection dropped")
+        self.sent.append((peer, message))
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        with self.lock:
+            self.polls += 1
+            got, self.inbox = self.inbox, []
+        return got
+
+
+def _done(**fields) -> kvd_pb2.TransferDoneRequest:
+    return kvd_pb2.TransferDoneRequest(room="r1", kvd_id="kvd-a", kv_bytes=4096,
+                                       aux=kvd_pb2.RoomAux(first_token_id=7), **fields)
+
+
+def test_a_transfer_done_round_trips_and_anything_else_is_refused():
+    assert notifications.decode(notifications.encode(_done())) == _done()
+    with pytest.raises(ValueError, match="by RPC"):
+        notifications.encode(_done(error="boom"))
+    forged_error = notifications.PREFIX + _done(error="boom").SerializeToString()
+    nameless = notifications.PREFIX + kvd_pb2.TransferDoneRequest(kvd_id="a").SerializeToString()
+    for message in (b"", b"hello", notifications.PREFIX + b"\xff\xff\xff", forged_error,
+                    nameless):
+        with pytest.raises(ValueError):
+            notifications.decode(message)
+
+
+def test_notifies_only_backends_with_both_sides():
+    assert notifies(_Backend())
+    assert not notifies(object())
+
+
+def test_a_notice_sends_only_once_its_message_is_set_and_reports_a_refusal():
+    backend = _Backend()
+    notice = Notice(backend, "peer-agent")
+    assert notice.send() is False and backend.sent == []  # aux data not known yet
+    notice.message = notifications.encode(_done())
+    assert notice.send() is True
+    assert backend.sent == [("peer-agent", notice.message)]
+    refused = Notice(_Backend(fail=True), "peer-agent")
+    refused.message = notice.message
+    assert refused.send() is False  # the loop then tells by RPC
+
+
+def test_the_listener_delivers_on_the_loop_and_polls_only_while_rooms_wait():
+    backend = _Backend()
+
+    async def run():
+        loop_thread = threading.get_ident()
+        got: list[tuple[str, bytes, int]] = []
+        arrived = asyncio.Event()
+
+        def deliver(sender: str, message: bytes) -> None:
+            got.append((sender, message, threading.get_ident()))
+            arrived.set()
+
+        listener = NotificationListener(backend, deliver)
+        try:
+            await asyncio.sleep(0.05)
+            assert backend.polls == 0  # no room waits: no thread, no polling
+            listener.expect()
+            with backend.lock:
+                backend.inbox.append(("agent-a", b"m1"))
+            await asyncio.wait_for(arrived.wait(), 2)
+            assert got == [("agent-a", b"m1", loop_thread)]
+            listener.forget()
+            await asyncio.sleep(0.05)  # a poll under way may still finish
+            idle = backend.polls
+            await asyncio.sleep(0.1)
+            assert backend.polls == idle  # nobody waits: it stopped polling
+            listener.expect()
+            with backend.lock:
+                backend.inbox.append(("agent-b", b"m2"))
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), 2)
+            assert got[-1][:2] == ("agent-b", b"m2")
+        finally:
+            listener.close()
+        assert not any(t.name == "kvd-notifications" for t in threading.enumerate())
+
+    asyncio.run(run())
+
+
+def test_the_listener_survives_a_failing_poll():
+    class Flaky(_Backend):
+        def notifications(self):
+            if self.polls == 0:
+                self.polls += 1
+                raise RuntimeError("transient")
+            return super().notifications()
+
+    backend = Flaky()
+
+    async def run():
+        got = asyncio.Event()
+        listener = NotificationListener(backend, lambda sender, message: got.set())
+        try:
+            listener.expect()
+            with backend.lock:
+                backend.inbox.append(("agent-a", b"m"))
+            started = time.monotonic()
+            await asyncio.wait_for(got.wait(), 2)
+            assert time.monotonic() - started < 1
+        finally:
+            listener.close()
+
+    asyncio.run(run())
