@@ -387,3 +387,66 @@ def test_unknown_nixl_plugin_is_named_with_the_available_ones(make_peer):
     with pytest.raises(BackendUnavailable, match="NO_SUCH_PLUGIN") as info:
         peer.call(_start_only, "nixl")
     assert "UCX" in str(info.value)  # lists what this NIXL ships
+
+
+def _write_prepared(state: dict, peer: str, src: list[tuple[int, int]],
+                    dst_addrs: list[int]) -> float:
+    """As kvd sends a room ahead: prepared here, posted by another thread, waited for here."""
+    base = state["bufs"][0].ctypes.data
+    prepared = state["backend"].prepare_write(peer, [(base + off, n) for off, n in src],
+                                              dst_addrs)
+    posted: list[Any] = []
+    poster = threading.Thread(target=lambda: posted.append(prepared.issue()))
+    poster.start()
+    poster.join(CALL_TIMEOUT_S)
+    return posted[0].wait()
+
+
+def _discard_prepared(state: dict, peer: str, src: list[tuple[int, int]],
+                      dst_addrs: list[int]) -> None:
+    base = state["bufs"][0].ctypes.data
+    state["backend"].prepare_write(peer, [(base + off, n) for off, n in src],
+                                   dst_addrs).discard()
+
+
+def test_nixl_prepared_write_posted_from_another_thread_lands_and_a_discarded_one_does_not(
+        make_peer):
+    src, dst, peer, dst_base = _open_pair(make_peer, "nixl", {}, 4 * MIB, 4 * MIB)
+    batch, dst_offsets = [(0, MIB), (2 * MIB, 100)], [MIB, 3 * MIB]
+    src.call(_discard_prepared, peer, [(MIB, MIB)], [dst_base])  # never posted: lands nowhere
+    seconds = src.call(_write_prepared, peer, batch, [dst_base + off for off in dst_offsets])
+    assert 0 < seconds < CALL_TIMEOUT_S
+    _assert_buffer(dst, 0, _expect(_pattern(4 * MIB, 1), _pattern(4 * MIB, 2), batch,
+                                   dst_offsets))
+    with pytest.raises(TransferError, match="outside memory registered"):  # checked up front
+        src.call(_discard_prepared, peer, [(0, 16)], [dst_base + 4 * MIB])
+
+
+def _notify(state: dict, peer: str, message: bytes) -> None:
+    state["backend"].notify(peer, message)
+
+
+def _await_notifications(state: dict, count: int) -> list[tuple[str, bytes]]:
+    got: list[tuple[str, bytes]] = []
+    deadline = time.monotonic() + 10
+    while len(got) < count and time.monotonic() < deadline:
+        got += state["backend"].notifications()
+        time.sleep(0.001)
+    return got
+
+
+def test_nixl_notifications_reach_a_peer_that_never_connected_back_with_the_senders_name(
+        make_peer):
+    """As between kvds: only the prefill side loads the decode side's metadata."""
+    src, dst = make_peer({}, "nixl"), make_peer({}, "nixl")
+    src_md, _ = src.call(_open, "nixl", MIB, 1)
+    dst_md, dst_base = dst.call(_open, "nixl", MIB, 2)
+    peer = src.call(_connect, dst_md)
+    src.call(_write, peer, [(0, 64)], [dst_base])
+    for message in (b"first", b"second"):
+        src.call(_notify, peer, message)
+    sender = NixlBackend.peer_name(src_md)
+    assert dst.call(_await_notifications, 2) == [(sender, b"first"), (sender, b"second")]
+    assert dst.call(_await_notifications, 0) == []  # each is returned once
+    with pytest.raises(TransferError, match="notification"):
+        src.call(_notify, "no-such-agent", b"x")

@@ -38,6 +38,16 @@ An empty batch is a no-op; malformed input (mismatched list lengths, a length <=
 Thread safety. `write` may be called from several threads at once, to the same or different
 peers. `register`, `metadata`, `connect` may run concurrently with writes. `close` must not
 race with anything.
+
+Optional capabilities (kvd looks for them by name). `prepare_write(peer, src, dst_addrs)`:
+the checks and set-up of `write`, returning an object whose `issue()` posts it from any thread
+and returns one whose `wait()` blocks like `write` and returns the seconds since posting
+(`discard()` instead of `issue()` frees it) — kvd posts a room sent ahead from the thread that
+sees its source pages ready. `notify(peer, message)`, `notifications()` and
+`peer_name(metadata)`: small messages over the backend's own connection, sent after writes
+have completed, read by the peer with the sender's name (the one `peer_name` reads from its
+metadata) — kvd sends TransferDone that way (notifications.py). NIXL has all of them; the
+local backend has `prepare_async` (queued GPU copies with a ready event) instead.
 """
 
 from __future__ import annotations

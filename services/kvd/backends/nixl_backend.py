@@ -308,8 +308,6 @@ class PreparedWrite:
     UCX's CUDA transports copy with) and returns its `PostedWrite`; raises `TransferError`.
     `discard()` frees it unposted. Call exactly one of them, once."""
 
-    ready_event = b""  # no event another process could wait on: the caller waits itself
-
     def __init__(self, backend: NixlBackend, handle: object, what: str,
                  device: int | None) -> None:
         self._backend = backend
@@ -346,7 +344,7 @@ class PostedWrite:
     any thread: it polls the write's state, `_POLL_FRACTION` of the time it has run apart,
     and frees the transfer."""
 
-    ready_event = b""
+    ready_event = b""  # nothing another process could wait on: kvd reports the landing itself
 
     def __init__(self, backend: NixlBackend, handle: object, what: str, started: float,
                  state: str) -> None:
