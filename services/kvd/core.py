@@ -499,17 +499,18 @@ class KvdCore:
         return pool.memory.device
 
     async def _await_source(self, req: kvd_pb2.SendKvRequest, device: int,
-                            copy: PreparedCopy | None) -> QueuedCopy | None:
+                            copy: PreparedCopy | PreparedWrite | None,
+                            notice: Notice | None) -> QueuedCopy | PostedWrite | None:
         """Until the prefill's forward pass has finished the pages (see source_events.py).
         `copy` is issued by the thread that saw them ready, at once (no hop back to this loop
-        before the bytes move), and its QueuedCopy returned. When this raises, nothing reads
-        the pages any more."""
+        before the bytes move), and what it issued returned (`notice` then tells the decode
+        side the write is in flight). When this raises, nothing reads the pages any more."""
         timeout = self.settings.waiting_timeout
         claim = Claim()
         try:
             return await asyncio.wrap_future(self.source_events.wait(
                 req.source_ready_event, device, claim, time.monotonic() + timeout,
-                copy.issue if copy is not None else None))
+                partial(_issue_and_tell, copy, notice) if copy is not None else None))
         except BaseException as e:
             ran, queued = claim.abandon()  # stops the polling, unless the copy went out first
             if copy is not None and not ran:
@@ -540,7 +541,7 @@ class KvdCore:
             notice = self._notice(known, is_local, done, aux)
             copy = self._prepare_copy(req.room, job, ahead=source is not None)
             if source is not None:
-                issued = await self._await_source(req, source, copy)
+                issued = await self._await_source(req, source, copy, notice)
             else:
                 issued = self._issue(req.room, copy) if copy is not None else None
             loop = asyncio.get_running_loop()
@@ -559,7 +560,7 @@ class KvdCore:
                     future, shard = landing, self.queues.shard_of(boot.kvd_id)
                 else:
                     future, shard = self.queues.call(
-                        boot.kvd_id, partial(_land, partial(timed_write, job), notice))
+                        boot.kvd_id, partial(_land, partial(_write, job, notice), notice))
                 try:
                     seconds, told = await until_done(future)
                 except TransferError as e:
@@ -628,7 +629,7 @@ class KvdCore:
         its message set once the aux data is known; None where the RPC tells."""
         if is_local or not notifies(self.backend):
             return None
-        notice = Notice(self.backend, known.handle)
+        notice = Notice(self.backend, known.handle, done.room)
 
         def fill(aux_data: kvd_pb2.RoomAux | None) -> None:
             message = kvd_pb2.TransferDoneRequest()
@@ -761,6 +762,25 @@ def _source_failure(room: str, e: BaseException, timeout: float) -> BaseExceptio
     if isinstance(e, TransferError):  # issuing the copy
         return _backend_error(room, e)
     return e
+
+
+def _issue_and_tell(copy: PreparedCopy | PreparedWrite, notice: Notice | None
+                    ) -> QueuedCopy | PostedWrite:
+    """Issue a prepared copy or write; a NIXL write's decode side is then told it is in
+    flight (it polls for the landing finely from then on)."""
+    issued = copy.issue()
+    if notice is not None:
+        notice.posted()
+    return issued
+
+
+def _write(job: TransferJob, notice: Notice | None) -> float:
+    """On a transfer thread: the job's blocking write, its seconds; through a backend that
+    notifies, told to the decode side once posted (as `_issue_and_tell`)."""
+    if notice is None:
+        return timed_write(job)
+    prepared = job.backend.prepare_write(job.peer, job.src, job.dst_addrs)  # type: ignore
+    return 0.0 if prepared is None else _issue_and_tell(prepared, notice).wait()
 
 
 def _land(wait: Callable[[], float], notice: Notice | None) -> tuple[float, bool]:

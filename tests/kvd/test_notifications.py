@@ -61,14 +61,25 @@ def test_notifies_only_backends_with_both_sides():
 
 def test_a_notice_sends_only_once_its_message_is_set_and_reports_a_refusal():
     backend = _Backend()
-    notice = Notice(backend, "peer-agent")
+    notice = Notice(backend, "peer-agent", "r1")
     assert notice.send() is False and backend.sent == []  # aux data not known yet
+    notice.posted()
     notice.message = notifications.encode(_done())
     assert notice.send() is True
-    assert backend.sent == [("peer-agent", notice.message)]
-    refused = Notice(_Backend(fail=True), "peer-agent")
+    assert backend.sent == [("peer-agent", notifications.POSTED + b"r1"),
+                            ("peer-agent", notice.message)]
+    refused = Notice(_Backend(fail=True), "peer-agent", "r1")
+    refused.posted()  # best effort: no error
     refused.message = notice.message
     assert refused.send() is False  # the loop then tells by RPC
+
+
+def test_the_listener_polls_finely_only_after_a_write_is_posted():
+    assert notifications.pause(1e9) == notifications.IDLE_POLL_S  # nothing posted lately
+    assert notifications.pause(0.0) == notifications.POLL_S
+    assert notifications.pause(0.0014) == notifications.POLL_S  # a GPU write's time
+    assert notifications.POLL_S < notifications.pause(0.016) < notifications.IDLE_POLL_S
+    assert notifications.pause(0.3) == notifications.IDLE_POLL_S  # a long CPU write: ~1.5%
 
 
 def test_the_listener_delivers_on_the_loop_and_polls_only_while_rooms_wait():
@@ -88,8 +99,8 @@ def test_the_listener_delivers_on_the_loop_and_polls_only_while_rooms_wait():
             await asyncio.sleep(0.05)
             assert backend.polls == 0  # no room waits: no thread, no polling
             listener.expect()
-            with backend.lock:
-                backend.inbox.append(("agent-a", b"m1"))
+            with backend.lock:  # a POSTED only changes the pace: it is not delivered
+                backend.inbox += [("agent-a", notifications.POSTED + b"r"), ("agent-a", b"m1")]
             await asyncio.wait_for(arrived.wait(), 2)
             assert got == [("agent-a", b"m1", loop_thread)]
             listener.forget()
