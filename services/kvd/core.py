@@ -175,7 +175,7 @@ class KvdCore:
             self._recv[req.room] = room
             if self.listener is not None and peer.kvd_id != self.kvd_id:
                 room.listens = True
-                self.listener.expect()
+                self.listener.expect(fine=pool.memory.device is not None)
             may_be_written = True
             try:
                 await self._bootstrap(req.peer_address, room, kvd_pb2.BootstrapRequest(
@@ -277,7 +277,7 @@ class KvdCore:
         if room is not None and self._recv.get(name) is room:
             del self._recv[name]
             if room.listens and self.listener is not None:
-                self.listener.forget()
+                self.listener.forget(fine=room.pool.memory.device is not None)
         if room is None or not room.drained.is_set():
             self.pools.unpin(pool, name)
         if room is not None:
@@ -499,18 +499,18 @@ class KvdCore:
         return pool.memory.device
 
     async def _await_source(self, req: kvd_pb2.SendKvRequest, device: int,
-                            copy: PreparedCopy | PreparedWrite | None,
-                            notice: Notice | None) -> QueuedCopy | PostedWrite | None:
+                            copy: PreparedCopy | PreparedWrite | None
+                            ) -> QueuedCopy | PostedWrite | None:
         """Until the prefill's forward pass has finished the pages (see source_events.py).
         `copy` is issued by the thread that saw them ready, at once (no hop back to this loop
-        before the bytes move), and what it issued returned (`notice` then tells the decode
-        side the write is in flight). When this raises, nothing reads the pages any more."""
+        before the bytes move), and what it issued returned. When this raises, nothing reads
+        the pages any more."""
         timeout = self.settings.waiting_timeout
         claim = Claim()
         try:
             return await asyncio.wrap_future(self.source_events.wait(
                 req.source_ready_event, device, claim, time.monotonic() + timeout,
-                partial(_issue_and_tell, copy, notice) if copy is not None else None))
+                copy.issue if copy is not None else None))
         except BaseException as e:
             ran, queued = claim.abandon()  # stops the polling, unless the copy went out first
             if copy is not None and not ran:
@@ -541,7 +541,7 @@ class KvdCore:
             notice = self._notice(known, is_local, done, aux)
             copy = self._prepare_copy(req.room, job, ahead=source is not None)
             if source is not None:
-                issued = await self._await_source(req, source, copy, notice)
+                issued = await self._await_source(req, source, copy)
             else:
                 issued = self._issue(req.room, copy) if copy is not None else None
             loop = asyncio.get_running_loop()
@@ -556,7 +556,7 @@ class KvdCore:
                 shard = self.queues.shard_of(self.kvd_id)
             else:
                 if issued is not None:  # posted by the thread that saw the pages ready
-                    landing = loop.run_in_executor(None, _land, issued.wait, notice)
+                    landing = loop.run_in_executor(None, _land, issued.wait, notice, True)
                     future, shard = landing, self.queues.shard_of(boot.kvd_id)
                 else:
                     future, shard = self.queues.call(
@@ -764,28 +764,27 @@ def _source_failure(room: str, e: BaseException, timeout: float) -> BaseExceptio
     return e
 
 
-def _issue_and_tell(copy: PreparedCopy | PreparedWrite, notice: Notice | None
-                    ) -> QueuedCopy | PostedWrite:
-    """Issue a prepared copy or write; a NIXL write's decode side is then told it is in
-    flight (it polls for the landing finely from then on)."""
-    issued = copy.issue()
-    if notice is not None:
-        notice.posted()
-    return issued
-
-
 def _write(job: TransferJob, notice: Notice | None) -> float:
     """On a transfer thread: the job's blocking write, its seconds; through a backend that
-    notifies, told to the decode side once posted (as `_issue_and_tell`)."""
+    notifies, the decode side is told once it is posted (it then polls finely)."""
     if notice is None:
         return timed_write(job)
     prepared = job.backend.prepare_write(job.peer, job.src, job.dst_addrs)  # type: ignore
-    return 0.0 if prepared is None else _issue_and_tell(prepared, notice).wait()
+    if prepared is None:
+        return 0.0
+    posted = prepared.issue()
+    notice.posted()
+    return posted.wait()
 
 
-def _land(wait: Callable[[], float], notice: Notice | None) -> tuple[float, bool]:
-    """On the thread that waits for a write: its seconds, and whether the decode side was
-    told by notification the moment it landed."""
+def _land(wait: Callable[[], float], notice: Notice | None,
+          tell_posted: bool = False) -> tuple[float, bool]:
+    """On the thread that waits for a write (`tell_posted`: one posted by another thread,
+    the decode side not yet told so — not from the event-polling thread, which has other
+    rooms to watch): its seconds, and whether the decode side was told by notification the
+    moment it landed."""
+    if tell_posted and notice is not None:
+        notice.posted()
     seconds = wait()
     return seconds, notice is not None and notice.send()
 

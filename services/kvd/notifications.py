@@ -15,17 +15,20 @@ Contract.
   data is known) and returns whether it did. If it did not, or the backend refused, the loop
   tells the decode side itself.
 - Decode side, `NotificationListener(backend, deliver)`: while at least one room waits
-  (`expect()` / `forget()` around each), a thread of its own polls `backend.notifications()`
-  and hands each (sending agent, message) to `deliver` on the event loop that first called
-  `expect()`; a `POSTED` one only makes it poll finely. A notification for a room nobody waits
-  for any more is delivered too (`deliver` drops it). `close()` stops the thread.
+  (`expect(fine)` / `forget(fine)` around each), a thread of its own polls
+  `backend.notifications()` and hands each (sending agent, message) to `deliver` on the event
+  loop that first called `expect()`; a `POSTED` one only changes the pace. A notification for
+  a room nobody waits for any more is delivered too (`deliver` drops it). `close()` stops the
+  thread.
 
 Polling cost and latency. A poll every 25 us cost ~45% of a core on a 2-core VM (sleeping and
 waking, mostly) and slowed kvd's own CPU transfers there (0.96x -> 0.87x of the backend
-alone). So the listener polls IDLE_POLL_S apart (~6% of a core there) until a write is
-posted, then POLL_S apart, the pause growing with the time since the last `POSTED` (1/64 of
-it, back to IDLE_POLL_S): a 1.4 ms GPU write is seen ~25 us after its notification, a 300 ms
-CPU write ~1.5% late. A write shorter than the idle pause (a few pages) may be seen up to
+alone); polling only every 500 us made a NIXL room between two H100s 0.1-0.6 ms later (a GPU
+write takes ~1.4 ms, a one-page write far less). So the pace depends on what waits: while a
+room into a GPU pool (`expect(fine=True)`; a GPU host has cores to spare) waits, POLL_S;
+otherwise IDLE_POLL_S (~6% of a core on that VM) until a write is posted, then POLL_S, the
+pause growing with the time since the last `POSTED` (1/64 of it, back to IDLE_POLL_S): a
+300 ms host-memory write over TCP is seen ~1.5% late, one shorter than the idle pause up to
 IDLE_POLL_S late.
 """
 
@@ -119,14 +122,16 @@ class NotificationListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._waiting = 0  # rooms expecting a notification (_lock)
+        self._fine = 0  # of which into GPU pools: polled POLL_S apart
         self._wanted = threading.Event()  # set while _waiting > 0, or closing
         self._closing = False
         self._thread: threading.Thread | None = None
 
-    def expect(self) -> None:
-        """A room now waits (on the event loop)."""
+    def expect(self, fine: bool = False) -> None:
+        """A room now waits (on the event loop); `fine`: into a GPU pool."""
         with self._lock:
             self._waiting += 1
+            self._fine += fine
             self._wanted.set()
             if self._thread is None and not self._closing:
                 self._loop = asyncio.get_running_loop()
@@ -134,10 +139,11 @@ class NotificationListener:
                                                 daemon=True)
                 self._thread.start()
 
-    def forget(self) -> None:
-        """A room that `expect()`ed no longer waits."""
+    def forget(self, fine: bool = False) -> None:
+        """A room that `expect(fine)`ed no longer waits."""
         with self._lock:
             self._waiting -= 1
+            self._fine -= fine
             if self._waiting <= 0 and not self._closing:
                 self._wanted.clear()
 
@@ -164,7 +170,7 @@ class NotificationListener:
                     loop.call_soon_threadsafe(self._deliver, sender, message)
                 except RuntimeError:  # the loop is closed: kvd is stopping
                     return
-            time.sleep(pause(now - posted_at))
+            time.sleep(POLL_S if self._fine > 0 else pause(now - posted_at))
 
     def close(self, timeout: float = 1.0) -> None:
         with self._lock:

@@ -145,3 +145,29 @@ def test_the_listener_survives_a_failing_poll():
             listener.close()
 
     asyncio.run(run())
+
+
+def test_rooms_into_gpu_pools_are_polled_finely_others_at_the_idle_pace():
+    backend = _Backend()
+
+    async def polls_in(seconds: float) -> int:
+        before = backend.polls
+        await asyncio.sleep(seconds)
+        return backend.polls - before
+
+    async def run():
+        listener = NotificationListener(backend, lambda sender, message: None)
+        try:
+            listener.expect(fine=False)  # a host-memory room: nothing posted yet
+            idle = await polls_in(0.2)
+            listener.expect(fine=True)  # and a GPU room
+            fine = await polls_in(0.2)
+            listener.forget(fine=True)
+            idle_again = await polls_in(0.2)
+        finally:
+            listener.close()
+        most_idle = 0.2 / notifications.IDLE_POLL_S + 5
+        assert idle <= most_idle and idle_again <= most_idle, (idle, idle_again)
+        assert fine > 2 * most_idle, fine  # well above the idle pace
+
+    asyncio.run(run())
