@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from services.common.proto.tandem.v1 import kvd_pb2
-from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _unpinned, kvd_pair
+from tests.kvd.test_kvd import LAYOUT, _attach, _client, _pinned, _reports, _unpinned, kvd_pair
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def test_decode_side_is_answered_once_kv_and_first_token_are_there(two_kvds, sam
         page = pa.total_bytes // LAYOUT.num_pages
         va[:] = np.random.default_rng(1).integers(0, 255, va.size, dtype=np.uint8)
         src, dst = [5, 6, 7], [10, 11, 40]
+        before = await _reports(b)
         expect = await _expect(b, pb.pool_id, "ahead", dst, addr_a, a,
                                 accept_ready_event=True)
         call = a.SendKvAhead()
@@ -68,6 +69,10 @@ def test_decode_side_is_answered_once_kv_and_first_token_are_there(two_kvds, sam
         assert got.aux.first_token_id == 42 and got.aux.cached_tokens == 3
         assert got.kv_bytes == sent.kv_bytes == 3 * page and got.ready_event == b""
         assert sent.backend == ("local" if same_node else "nixl") and sent.num_descriptors == 2
+        # the first token came after the write landed: the loop told the decode side, by RPC
+        # between kvds (no notification was ready when the write landed), in-process here
+        via = "in_process" if same_node else "rpc"
+        assert await _reports(b) == {**before, via: before[via] + 1}
         for s, d in zip(src, dst, strict=True):
             assert (vb[d * page:(d + 1) * page] == va[s * page:(s + 1) * page]).all()
         assert await _pinned(a) == 0 and await _pinned(b) == 0
