@@ -8,6 +8,7 @@ the log's tail if the process exited or `timeout` passed. `stop` sends SIGTERM, 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,11 +22,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.process import parent_death
 
+# Ports handed out are below Linux's ephemeral range (32768-60999 by default): a port the kernel
+# picked with bind(0) was free at that moment, but until the server binds it any outgoing
+# connection may take it as its source port ("Address already in use": a kvd of this suite
+# failed to start so once). Each is handed out once per process.
+_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now and outside the ephemeral range."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

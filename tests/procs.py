@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.procs import free_port  # one definition: see there why ports are picked so
+
 # UCX's ib module crashes processes that created a UCX backend at exit (DESIGN.md).
 CHILD_ENV = {"UCX_MODULES": "^ib", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(target: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
