@@ -179,10 +179,8 @@ class NixlBackend:
         return metadata
 
     def connect(self, peer_metadata: bytes) -> str:
-        if len(peer_metadata) <= _HEADER.size or peer_metadata[:4] != _MAGIC:
-            raise TransferError("nixl: peer metadata is not from a Tandem nixl backend")
+        peer = peer_name(peer_metadata)  # checks the header
         _, name_len, num_regions = _HEADER.unpack_from(peer_metadata)
-        peer = peer_metadata[_HEADER.size : _HEADER.size + name_len].decode(errors="replace")
         body = _HEADER.size + name_len + num_regions * _REGION.size
         if len(peer_metadata) <= body:
             raise TransferError(f"nixl: metadata of peer {peer} is truncated")
