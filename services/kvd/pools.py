@@ -15,15 +15,23 @@ write it (receiving), and only pages pinned to an open room:
                       may be read by several rooms at once)
 
 `pin` checks bounds, duplicates and conflicts before changing anything. No torch here.
+
+Each pool also has its ready flags (`Pool.flags`, services/common/ready_flags.py): a small
+shared-memory segment the worker maps, one word per page, in which kvd tells a worker it answered
+early that a room's KV landed (or never will). Created and released with the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import mmap
 from dataclasses import dataclass, field
 
 from services.common.proto.tandem.v1 import kvd_pb2
+from services.common.ready_flags import MAX_TICKET, ReadyFlags, flags_bytes
+from services.common.shm import create_segment, unlink_segment
 from services.kvd.backends.base import TransferBackend
 from services.kvd.pool_memory import GpuPlacement, PoolMemory, gpu_memory, host_memory
 
@@ -81,6 +89,29 @@ class PoolLayout:
         return None
 
 
+class PoolFlags:
+    """A pool's ready flags segment (`segment_name` in /dev/shm) and its tickets: each room
+    answered with a flag gets the next one (the segment starts zeroed, so 1, 2, ...)."""
+
+    def __init__(self, segment_name: str, num_pages: int) -> None:
+        self.segment_name = segment_name
+        self._buffer: mmap.mmap | None = create_segment(segment_name, flags_bytes(num_pages))
+        self.flags = ReadyFlags(self._buffer, num_pages)
+        self._tickets = itertools.count(1)
+
+    def next_ticket(self) -> int:
+        ticket = next(self._tickets)
+        if ticket >= MAX_TICKET:  # 2**62 rooms: not in this universe's lifetime
+            raise OverflowError("ready flag tickets exhausted")
+        return ticket
+
+    def release(self) -> None:
+        """Idempotent: unlink the segment (the worker's mapping stays valid until unmapped)."""
+        if self._buffer is not None:
+            self._buffer = None
+            unlink_segment(self.segment_name)
+
+
 @dataclass(slots=True, eq=False)
 class Pool:
     pool_id: str
@@ -88,6 +119,7 @@ class Pool:
     layout: PoolLayout
     memory: PoolMemory
     placement: GpuPlacement | None  # None: host shared memory
+    flags: PoolFlags
     writer: dict[int, str] = field(default_factory=dict)  # page id -> the room filling it
     readers: dict[int, int] = field(default_factory=dict)  # page id -> rooms sending it
     pins: dict[str, tuple[list[int], bool]] = field(default_factory=dict)  # room -> (pages, write)
@@ -156,7 +188,12 @@ class PoolRegistry:
             else:
                 memory.release()
             raise
-        return Pool(pool_id, worker_id, layout, memory, placement)
+        try:
+            flags = PoolFlags(f"{pool_id}-flags", layout.num_pages)
+        except BaseException:
+            self._stranded.append(memory)
+            raise
+        return Pool(pool_id, worker_id, layout, memory, placement, flags)
 
     def get(self, pool_id: str) -> Pool:
         try:
@@ -201,6 +238,11 @@ class PoolRegistry:
                 memory.release()
             except Exception:  # one failure must not keep the others allocated
                 logger.exception("could not release pool memory at %#x", memory.base_addr)
+        for pool in self._by_id.values():
+            try:
+                pool.flags.release()
+            except OSError:
+                logger.exception("could not remove %s", pool.flags.segment_name)
 
 
 def _where(placement: GpuPlacement | None) -> str:

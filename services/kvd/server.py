@@ -91,7 +91,8 @@ class KvdServicer(kvd_pb2_grpc.KvdServiceServicer):
             pool_id=pool.pool_id, segment_name=memory.segment_name,
             total_bytes=pool.layout.total_bytes, reattached=reattached,
             cuda_ipc_handle=memory.ipc_handle,
-            kvd_gpu_index=memory.device if memory.device is not None else 0)
+            kvd_gpu_index=memory.device if memory.device is not None else 0,
+            ready_flags_segment=pool.flags.segment_name)
 
     @_mapped
     async def ExpectKv(self, request: kvd_pb2.ExpectKvRequest,

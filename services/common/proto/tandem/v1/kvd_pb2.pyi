@@ -43,20 +43,22 @@ class AttachPoolRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., placement: _Optional[_Union[KvPlacement, _Mapping]] = ...) -> None: ...
 
 class AttachPoolResponse(_message.Message):
-    __slots__ = ("pool_id", "segment_name", "total_bytes", "reattached", "cuda_ipc_handle", "kvd_gpu_index")
+    __slots__ = ("pool_id", "segment_name", "total_bytes", "reattached", "cuda_ipc_handle", "kvd_gpu_index", "ready_flags_segment")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     REATTACHED_FIELD_NUMBER: _ClassVar[int]
     CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
     KVD_GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    READY_FLAGS_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     segment_name: str
     total_bytes: int
     reattached: bool
     cuda_ipc_handle: bytes
     kvd_gpu_index: int
-    def __init__(self, pool_id: _Optional[str] = ..., segment_name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., reattached: _Optional[bool] = ..., cuda_ipc_handle: _Optional[bytes] = ..., kvd_gpu_index: _Optional[int] = ...) -> None: ...
+    ready_flags_segment: str
+    def __init__(self, pool_id: _Optional[str] = ..., segment_name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., reattached: _Optional[bool] = ..., cuda_ipc_handle: _Optional[bytes] = ..., kvd_gpu_index: _Optional[int] = ..., ready_flags_segment: _Optional[str] = ...) -> None: ...
 
 class RoomAux(_message.Message):
     __slots__ = ("first_token_id", "first_logprob", "top_token_ids", "top_logprobs", "cached_tokens")
@@ -73,30 +75,42 @@ class RoomAux(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ExpectKvRequest(_message.Message):
-    __slots__ = ("pool_id", "room", "page_ids", "peer_address", "timeout_seconds", "accept_ready_event")
+    __slots__ = ("pool_id", "room", "page_ids", "peer_address", "timeout_seconds", "accept_ready_event", "accept_ready_flag")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     ROOM_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_READY_EVENT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_READY_FLAG_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     room: str
     page_ids: _containers.RepeatedScalarFieldContainer[int]
     peer_address: str
     timeout_seconds: float
     accept_ready_event: bool
-    def __init__(self, pool_id: _Optional[str] = ..., room: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., peer_address: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., accept_ready_event: _Optional[bool] = ...) -> None: ...
+    accept_ready_flag: bool
+    def __init__(self, pool_id: _Optional[str] = ..., room: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., peer_address: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., accept_ready_event: _Optional[bool] = ..., accept_ready_flag: _Optional[bool] = ...) -> None: ...
+
+class ReadyFlag(_message.Message):
+    __slots__ = ("index", "ticket")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    ticket: int
+    def __init__(self, index: _Optional[int] = ..., ticket: _Optional[int] = ...) -> None: ...
 
 class ExpectKvResponse(_message.Message):
-    __slots__ = ("aux", "kv_bytes", "ready_event")
+    __slots__ = ("aux", "kv_bytes", "ready_event", "ready_flag")
     AUX_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     READY_EVENT_FIELD_NUMBER: _ClassVar[int]
+    READY_FLAG_FIELD_NUMBER: _ClassVar[int]
     aux: RoomAux
     kv_bytes: int
     ready_event: bytes
-    def __init__(self, aux: _Optional[_Union[RoomAux, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., ready_event: _Optional[bytes] = ...) -> None: ...
+    ready_flag: ReadyFlag
+    def __init__(self, aux: _Optional[_Union[RoomAux, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., ready_event: _Optional[bytes] = ..., ready_flag: _Optional[_Union[ReadyFlag, _Mapping]] = ...) -> None: ...
 
 class AwaitBootstrapRequest(_message.Message):
     __slots__ = ("room", "timeout_seconds")
@@ -241,18 +255,20 @@ class BootstrapResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class TransferDoneRequest(_message.Message):
-    __slots__ = ("room", "kvd_id", "aux", "kv_bytes", "error")
+    __slots__ = ("room", "kvd_id", "aux", "kv_bytes", "error", "in_flight")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     KVD_ID_FIELD_NUMBER: _ClassVar[int]
     AUX_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     room: str
     kvd_id: str
     aux: RoomAux
     kv_bytes: int
     error: str
-    def __init__(self, room: _Optional[str] = ..., kvd_id: _Optional[str] = ..., aux: _Optional[_Union[RoomAux, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    in_flight: bool
+    def __init__(self, room: _Optional[str] = ..., kvd_id: _Optional[str] = ..., aux: _Optional[_Union[RoomAux, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., error: _Optional[str] = ..., in_flight: _Optional[bool] = ...) -> None: ...
 
 class TransferDoneResponse(_message.Message):
     __slots__ = ()
