@@ -84,6 +84,9 @@ class _RecvRoom:
     done: asyncio.Future[tuple[kvd_pb2.RoomAux, int, bytes]]  # TransferDone (aux, bytes,
     # ready event or b""), or the peer's death
     accepts_ready_event: bool = False  # the worker waits on a ready event before reading
+    accepts_ready_flag: bool = False  # the worker polls a ready flag before reading
+    in_flight: kvd_pb2.TransferDoneRequest | None = None  # aux known, the write not landed yet
+    flag: kvd_pb2.ReadyFlag | None = None  # answered early: the flag that tells the worker the end
     landing: asyncio.Future[None] | None = None  # a queued copy into the pages, until done
     released: asyncio.Event = field(default_factory=asyncio.Event)  # the worker gave up
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # no write can land any more
@@ -153,15 +156,23 @@ class KvdCore:
     async def expect_kv(self, req: kvd_pb2.ExpectKvRequest) -> kvd_pb2.ExpectKvResponse:
         pool = self._pool(req.pool_id)
         page_ids = list(req.page_ids)
+        if req.accept_ready_flag and not page_ids:
+            raise RoomError("INVALID_ARGUMENT", f"room {req.room!r}: a ready flag needs at "
+                            "least one destination page (its word is the first page's)")
         if req.room in self._recv:
             raise RoomError("ALREADY_EXISTS", f"room {req.room!r} is already expected here")
         try:
             self.pools.pin(pool, req.room, page_ids, write=True)
         except PageError:
             # Pages of a room answered with a ready event stay pinned until its copy is done
-            # (a few ms): a worker may free and reuse them sooner. Wait for such copies once.
+            # (a few ms), those of a room answered with a ready flag until the loop has seen
+            # the flag set: a worker may free and reuse them sooner. Wait for those once.
             landing = [room.landing for room in self._recv.values()
                        if room.landing is not None and not room.landing.done()]
+            wanted = set(page_ids)
+            landing += [asyncio.ensure_future(room.drained.wait()) for room in self._recv.values()
+                        if room.flag is not None and not room.drained.is_set()
+                        and room.pool is pool and not wanted.isdisjoint(room.page_ids)]
             if not landing:
                 raise
             await asyncio.wait(landing)
@@ -171,7 +182,8 @@ class KvdCore:
         try:
             peer = await self._peer(req.peer_address)
             room = _RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future(),
-                             accepts_ready_event=req.accept_ready_event)
+                             accepts_ready_event=req.accept_ready_event,
+                             accepts_ready_flag=req.accept_ready_flag)
             self._recv[req.room] = room
             if self.listener is not None and peer.kvd_id != self.kvd_id:
                 room.listens = True
@@ -189,7 +201,10 @@ class KvdCore:
                 code = e.code().name if e.code() != grpc.StatusCode.UNKNOWN else "UNAVAILABLE"
                 raise RoomError(code, f"room {req.room!r}: prefill kvd at {req.peer_address} "
                                 f"refused the bootstrap: {e.details()}") from None
-            aux, num_bytes, ready_event = await self._wait_for_kv(req, room)
+            early = await self._wait_for_kv(req, room)
+            if early is not None:
+                return self._answer_early(req.room, room, early)
+            aux, num_bytes, ready_event = room.done.result()
             self.counters.rooms_completed += 1
             self.metrics.rooms_completed.labels("recv").inc()
             return kvd_pb2.ExpectKvResponse(aux=aux, kv_bytes=num_bytes, ready_event=ready_event)
@@ -198,7 +213,10 @@ class KvdCore:
             self.metrics.rooms_failed.labels("recv", failure_reason(e)).inc()
             raise
         finally:
-            if room is not None and may_be_written and not room.done.done():
+            if room is not None and room.flag is not None:
+                # answered early: the room goes on until its flag is final
+                asyncio.get_running_loop().create_task(self._settle_flag(req.room, room))
+            elif room is not None and may_be_written and not room.done.done():
                 # A late write must not land in pages given to another request: keep them
                 # pinned until the prefill side reports, dies, or a waiting timeout passes.
                 asyncio.get_running_loop().create_task(self._drain(req.room, room))
@@ -232,23 +250,83 @@ class KvdCore:
         if current.kvd_id != room.peer.kvd_id:
             room.peer = current
 
-    async def _wait_for_kv(self, req: kvd_pb2.ExpectKvRequest,
-                           room: _RecvRoom) -> tuple[kvd_pb2.RoomAux, int, bytes]:
+    async def _wait_for_kv(self, req: kvd_pb2.ExpectKvRequest, room: _RecvRoom
+                           ) -> kvd_pb2.TransferDoneRequest | None:
+        """Until the room is done (None: `room.done` has the result), or — for a worker that
+        accepts a ready flag — its aux data is known while the write is in flight (returned)."""
         timeout = req.timeout_seconds or self.settings.waiting_timeout
-        if not room.done.done() and not room.released.is_set():
-            room.wakeup = asyncio.get_running_loop().create_future()
-            room.done.add_done_callback(lambda _: room.wake())
-            try:
-                async with asyncio.timeout(timeout):
+        room.done.add_done_callback(lambda _: room.wake())
+        try:
+            async with asyncio.timeout(timeout):
+                while not room.done.done() and not room.released.is_set():
+                    if room.in_flight is not None:
+                        return room.in_flight
+                    room.wakeup = asyncio.get_running_loop().create_future()
                     await room.wakeup
-            except TimeoutError:
-                pass
+        except TimeoutError:
+            pass
         if room.done.done():
-            return room.done.result()
+            room.done.result()  # raises the room's error
+            return None
         if room.released.is_set():
             raise RoomError("CANCELLED", f"room {req.room!r} was released", "cancelled")
         raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: no KV from the prefill side "
                         f"within {timeout:g}s", "timeout")
+
+    def _answer_early(self, name: str, room: _RecvRoom, early: kvd_pb2.TransferDoneRequest
+                      ) -> kvd_pb2.ExpectKvResponse:
+        """The worker's answer while the KV is in flight: the aux data and the room's ready
+        flag, which the landing notification's thread sets (or `_settle_flag`)."""
+        flags = room.pool.flags
+        room.flag = kvd_pb2.ReadyFlag(index=room.page_ids[0], ticket=flags.next_ticket())
+        index, ticket = room.flag.index, room.flag.ticket
+        if self.listener is not None:
+            self.listener.arm(name, _agent_of(self.backend, room.peer.backend_metadata),
+                              partial(flags.flags.set_landed, index, ticket))
+        self.metrics.early_answers.inc()
+        return kvd_pb2.ExpectKvResponse(aux=early.aux, kv_bytes=early.kv_bytes,
+                                        ready_flag=room.flag)
+
+    async def _settle_flag(self, name: str, room: _RecvRoom) -> None:
+        """A room answered with a ready flag, to its end: the flag reads LANDED once the
+        prefill side reports the landing, or FAILED once no write into the pages can land any
+        more (an error, the peer's death, the waiting timeout, or the worker's ReleaseRoom,
+        after the prefill kvd confirmed the cancel). The pages stay pinned until then."""
+        assert room.flag is not None
+        flags, index, ticket = room.pool.flags.flags, room.flag.index, room.flag.ticket
+        landed = False
+        try:
+            room.done.add_done_callback(lambda _: room.wake())
+            try:
+                async with asyncio.timeout(self.settings.waiting_timeout):
+                    while not room.done.done() and not room.released.is_set():
+                        room.wakeup = asyncio.get_running_loop().create_future()
+                        await room.wakeup
+            except TimeoutError:
+                pass
+            landed = (room.done.done() and not room.done.cancelled()
+                      and room.done.exception() is None)
+            if not landed:
+                await self._drain(name, room)
+                landed = (room.done.done() and not room.done.cancelled()
+                          and room.done.exception() is None)
+        finally:
+            if self.listener is not None:
+                self.listener.disarm(name)
+            self._close_recv(name, room.pool, room)  # unpinned before the worker may reuse
+            if landed:
+                flags.set_landed(index, ticket)
+                self.counters.rooms_completed += 1
+                self.metrics.rooms_completed.labels("recv").inc()
+            else:
+                flags.set_failed(index, ticket)
+                self.counters.rooms_failed += 1
+                reason = ("cancelled" if room.released.is_set() else
+                          failure_reason(room.done.exception()) if room.done.done()
+                          and not room.done.cancelled() else "timeout")
+                self.metrics.rooms_failed.labels("recv", reason).inc()
+                logger.warning("room %s failed after its worker was answered early (%s); its "
+                               "ready flag says so", name, reason)
 
     async def _drain(self, name: str, room: _RecvRoom) -> None:
         """Until no write into the room's pages can land: the prefill kvd confirms it cancelled
@@ -296,6 +374,11 @@ class KvdCore:
             raise RoomError("PERMISSION_DENIED",
                             f"room {req.room!r} expects KV from kvd {room.peer.kvd_id}")
         if room.done.done():
+            return
+        if req.in_flight:  # the aux data, ahead of the landing
+            if not req.error and room.accepts_ready_flag and room.in_flight is None:
+                room.in_flight = req
+                room.wake()
             return
         if req.error:
             room.done.set_exception(RoomError("UNAVAILABLE", f"prefill side: {req.error}",
@@ -636,7 +719,7 @@ class KvdCore:
             message.CopyFrom(done)
             if aux_data is not None:
                 message.aux.CopyFrom(aux_data)
-            notice.message = notifications.encode(message)
+            notice.set_aux(message)
 
         if aux is None:
             fill(None)

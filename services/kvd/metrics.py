@@ -100,6 +100,9 @@ class KvdMetrics:
                                      "prefill kvds' reports of a room's KV taken here (decode "
                                      "node), by how they came: notification (NIXL), rpc, "
                                      "in_process (same node)", ["via"], registry=r)
+        self.early_answers = Counter("tandem_kvd_early_answers",
+                                     "decode workers answered while their room's KV was still "
+                                     "in flight, with a ready flag (decode node)", registry=r)
         self.rooms_failed = Counter("tandem_kvd_rooms_failed",
                                     "rooms that failed, timed out or were cancelled",
                                     ["side", "reason"], registry=r)

@@ -10,16 +10,23 @@ Contract.
 - A notification's message is `PREFIX` + a serialized `TransferDoneRequest` (never an error:
   those go by RPC). `encode` / `decode` make and read it; `decode` raises ValueError on
   anything else. `POSTED` + a room's name says that room's write has just been posted.
-- Prefill side, `Notice`: the thread that posts the write calls `posted()`; the thread that
-  sees it land calls `send()`, which sends `message` if the loop has set it by then (the aux
-  data is known) and returns whether it did. If it did not, or the backend refused, the loop
-  tells the decode side itself.
+- Prefill side, `Notice`: the loop calls `set_aux(done)` once the aux data is known; the thread
+  that posts the write calls `posted()`; the thread that sees it land calls `send()`, which
+  sends the TransferDone if the aux data was known by then and returns whether it did. If it
+  did not, or the backend refused, the loop tells the decode side itself. While the write is
+  in flight with the aux data known, the decode side gets it early, once: the same
+  TransferDone with `in_flight` set (instead of `POSTED`, from `posted()`, or from `set_aux`
+  when the aux data comes after the post), so that it can answer a worker that polls a ready
+  flag (services/common/ready_flags.py) before the bytes land.
 - Decode side, `NotificationListener(backend, deliver)`: while at least one room waits
   (`expect(fine)` / `forget(fine)` around each), a thread of its own polls
   `backend.notifications()` and hands each (sending agent, message) to `deliver` on the event
-  loop that first called `expect()`; a `POSTED` one only changes the pace. A notification for
-  a room nobody waits for any more is delivered too (`deliver` drops it). `close()` stops the
-  thread.
+  loop that first called `expect()`; a `POSTED` one only changes the pace (an `in_flight` one
+  does both). A notification for a room nobody waits for any more is delivered too
+  (`deliver` drops it). A room answered with a ready flag is `arm`ed with its prefill kvd's
+  agent and the call that sets the flag: the thread calls it the moment that agent's landing
+  TransferDone for the room arrives, before the loop hears of it (the loop sets it again;
+  `disarm` when the room ends). `close()` stops the thread.
 
 Polling cost and latency. A poll every 25 us cost ~45% of a core on a 2-core VM (sleeping and
 waking, mostly) and slowed kvd's own CPU transfers there (0.96x -> 0.87x of the backend
@@ -85,24 +92,49 @@ def notifies(backend: object) -> bool:
 
 class Notice:
     """One room's TransferDone notification, sent from the transfer thread (see the module
-    doc). `message` is set on the loop, once the aux data is known."""
+    doc). `message` is set on the loop (`set_aux`), once the aux data is known."""
 
     def __init__(self, backend: NotifyingBackend, peer: str, room: str) -> None:
         self._backend = backend
         self._peer = peer
         self._posted = POSTED + room.encode()
+        self._lock = threading.Lock()  # orders set_aux against posted / send (other threads)
+        self._early: bytes | None = None  # the in-flight TransferDone
+        self._is_posted = False
+        self._has_landed = False
         self.message: bytes | None = None
 
+    def set_aux(self, done: kvd_pb2.TransferDoneRequest) -> None:
+        """The room's TransferDone, aux data in it (on the loop). Sends it early now if the
+        write is in flight."""
+        early = kvd_pb2.TransferDoneRequest()
+        early.CopyFrom(done)
+        early.in_flight = True
+        with self._lock:
+            self.message = encode(done)
+            self._early = encode(early)
+            now = self._is_posted and not self._has_landed
+        if now:
+            self._quietly(self._early)
+
     def posted(self) -> None:
-        """Tell the decode side the write is in flight (best effort: it then only polls
-        slower)."""
+        """Tell the decode side the write is in flight, with the aux data if known (best
+        effort: it then only polls slower, or answers its worker later)."""
+        with self._lock:
+            self._is_posted = True
+            message = self._early or self._posted
+        self._quietly(message)
+
+    def _quietly(self, message: bytes) -> None:
         try:
-            self._backend.notify(self._peer, self._posted)
+            self._backend.notify(self._peer, message)
         except Exception as e:  # noqa: BLE001
-            logger.debug("posted-notification to %s failed: %s", self._peer, e)
+            logger.debug("in-flight notification to %s failed: %s", self._peer, e)
 
     def send(self) -> bool:
-        message = self.message  # read once: the loop may set it meanwhile
+        with self._lock:
+            self._has_landed = True
+            message = self.message
         if message is None:
             return False
         try:
@@ -124,6 +156,7 @@ class NotificationListener:
         self._waiting = 0  # rooms expecting a notification (_lock)
         self._fine = 0  # of which into GPU pools: polled POLL_S apart
         self._wanted = threading.Event()  # set while _waiting > 0, or closing
+        self._armed: dict[str, tuple[str, Callable[[], None]]] = {}  # room -> (agent, on_landed)
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -147,6 +180,36 @@ class NotificationListener:
             if self._waiting <= 0 and not self._closing:
                 self._wanted.clear()
 
+    def arm(self, room: str, agent: str | None, on_landed: Callable[[], None]) -> None:
+        """Call `on_landed` on the listening thread when `agent`'s landing TransferDone for
+        `room` arrives (at most once; nothing if `agent` is None)."""
+        if agent is not None:
+            with self._lock:
+                self._armed[room] = (agent, on_landed)
+
+    def disarm(self, room: str) -> None:
+        with self._lock:
+            self._armed.pop(room, None)
+
+    def _landed_early(self, sender: str, message: bytes) -> bool:
+        """Whether `message` says a write is in flight; runs an armed room's `on_landed`."""
+        try:
+            done = decode(message)
+        except ValueError:
+            return False  # the loop logs and drops it
+        if done.in_flight:
+            return True
+        with self._lock:
+            armed = self._armed.get(done.room)
+            if armed is None or armed[0] != sender:
+                return False
+            del self._armed[done.room]
+        try:
+            armed[1]()
+        except Exception:  # noqa: BLE001 - the loop sets the flag too
+            logger.exception("setting room %s's ready flag failed", done.room)
+        return False
+
     def _poll(self) -> None:
         use_fine_timer_slack()
         loop = self._loop
@@ -166,6 +229,8 @@ class NotificationListener:
                 if message.startswith(POSTED):
                     posted_at = now
                     continue
+                if self._landed_early(sender, message):
+                    posted_at = now
                 try:
                     loop.call_soon_threadsafe(self._deliver, sender, message)
                 except RuntimeError:  # the loop is closed: kvd is stopping

@@ -37,8 +37,8 @@ class _Backend:
         return got
 
 
-def _done(**fields) -> kvd_pb2.TransferDoneRequest:
-    return kvd_pb2.TransferDoneRequest(room="r1", kvd_id="kvd-a", kv_bytes=4096,
+def _done(room: str = "r1", **fields) -> kvd_pb2.TransferDoneRequest:
+    return kvd_pb2.TransferDoneRequest(room=room, kvd_id="kvd-a", kv_bytes=4096,
                                        aux=kvd_pb2.RoomAux(first_token_id=7), **fields)
 
 
@@ -169,5 +169,81 @@ def test_rooms_into_gpu_pools_are_polled_finely_others_at_the_idle_pace():
         most_idle = 0.2 / notifications.IDLE_POLL_S + 5
         assert idle <= most_idle and idle_again <= most_idle, (idle, idle_again)
         assert fine > 2 * most_idle, fine  # well above the idle pace
+
+    asyncio.run(run())
+
+
+def _in_flight(done: kvd_pb2.TransferDoneRequest) -> bytes:
+    early = kvd_pb2.TransferDoneRequest()
+    early.CopyFrom(done)
+    early.in_flight = True
+    return notifications.encode(early)
+
+
+def test_the_aux_data_goes_early_once_while_the_write_is_in_flight():
+    # known before the post: the post's notification carries it instead of POSTED
+    backend = _Backend()
+    notice = Notice(backend, "peer", "r1")
+    notice.set_aux(_done())
+    assert backend.sent == []  # nothing posted yet
+    notice.posted()
+    assert notice.send() is True
+    assert backend.sent == [("peer", _in_flight(_done())), ("peer", notifications.encode(_done()))]
+    # known after the post: sent by set_aux, at once
+    backend = _Backend()
+    notice = Notice(backend, "peer", "r1")
+    notice.posted()
+    notice.set_aux(_done())
+    notice.send()
+    assert backend.sent == [("peer", notifications.POSTED + b"r1"), ("peer", _in_flight(_done())),
+                            ("peer", notifications.encode(_done()))]
+    # known only after the landing: no early message (the loop reports by RPC)
+    backend = _Backend()
+    notice = Notice(backend, "peer", "r1")
+    notice.posted()
+    assert notice.send() is False
+    notice.set_aux(_done())
+    assert backend.sent == [("peer", notifications.POSTED + b"r1")]
+
+
+def test_an_armed_room_is_flagged_by_the_listening_thread_from_its_agent_only():
+    backend = _Backend()
+
+    async def run():
+        delivered: list[bytes] = []
+        arrived = asyncio.Event()
+
+        def deliver(sender: str, message: bytes) -> None:
+            delivered.append(message)
+            arrived.set()
+
+        flagged: list[int] = []
+        listener = NotificationListener(backend, deliver)
+        try:
+            listener.expect(fine=True)
+            listener.arm("r1", "agent-a", lambda: flagged.append(threading.get_ident()))
+            landed = notifications.encode(_done())
+            with backend.lock:  # in flight: not the landing; an impostor: not the agent
+                backend.inbox += [("agent-a", _in_flight(_done())), ("agent-x", landed)]
+            while len(delivered) < 2:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 2)
+            assert flagged == []
+            with backend.lock:
+                backend.inbox += [("agent-a", landed), ("agent-a", landed)]
+            while len(delivered) < 4:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 2)
+            # once, on the listening thread, and the loop still hears of it
+            assert len(flagged) == 1 and flagged[0] != threading.get_ident()
+            listener.arm("r2", "agent-a", lambda: flagged.append(0))
+            listener.disarm("r2")
+            with backend.lock:
+                backend.inbox.append(("agent-a", notifications.encode(_done(room="r2"))))
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), 2)
+            assert len(flagged) == 1  # disarmed
+        finally:
+            listener.close()
 
     asyncio.run(run())
