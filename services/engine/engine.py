@@ -19,8 +19,25 @@ PD hooks (the engine never moves KV itself; kvd does, between the calls):
   `on_kv_computed(KvComputed)` (if set) gets the same page ids and a CUDA IPC event after
   which they are complete (kv_events.py): the KV can start moving the moment the GPU is done.
 - decode side: `add_remote_prefill` reserves pages for the prompt and returns their ids (the
-  room's destination); once kvd says the KV landed, `kv_arrived(request_id, first_token)` queues
-  the request to decode, its first token already known.
+  room's destination); when kvd answers, `kv_arrived(request_id, first_token, ...)` appends the
+  first token and returns the first output. Without `landing` the KV is in the pages (or will
+  be before any later GPU step: `ready`) and the request decodes from the next step. With
+  `landing` (kvd answered early: services/common/ready_flags.py) the request is gated: it stays
+  AWAITING_KV, its pages unread, until the landing polls LANDED.
+- `poll_landings()` polls every gated landing (and `step()` does, first): LANDED -> the request
+  decodes from that step on; FAILED -> the request is removed, its pages freed. Each failed id
+  is reported once: by the `poll_landings()` call that found it, or, when `step()` found it, by
+  the next `take_failed_landings()` — a driver calls that after every step (raised or not) and
+  tells the clients, who already have the first token.
+- A gated request that ends (abort, or its first output finished) parks its pages: kvd may
+  still write them, so they stay held — counted in the pool, no longer a request — until its
+  landing is final (LANDED or FAILED); `poll_landings()` frees them then. `awaits_landing()`:
+  gated requests or parked pages exist; a driver keeps polling while it is true, work or not.
+  Decode pages of a room, by phase:
+      reserved .. kv_arrived          kvd writes them; the engine does not touch them
+      gated (landing PENDING)         same; the first token is out
+      LANDED .. request ends          the engine's, like any request's pages
+      parked (ended while PENDING)    kvd may still write them; held until the landing is final
 The KV pool may be memory the engine did not allocate (`pool=`): kvd's segment in a worker.
 """
 
@@ -33,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.ready_flags import Landing, LandingState
 from services.common.serve_config import ATTENTION_BACKENDS
 from services.engine.attention import TorchPagedAttention
 from services.engine.config import ModelConfig
@@ -118,6 +136,9 @@ class LLMEngine:
         self._requests: dict[str, RequestState] = {}  # every live request, in any state
         self._keep_kv: set[str] = set()  # PD prefill requests whose pages outlive them
         self._kv_events = KvEvents(model.device)
+        self._gated: dict[str, Landing] = {}  # PD decode: first token out, KV not yet landed
+        self._parked: list[tuple[Sequence, Landing]] = []  # ended; pages wait for the landing
+        self._failed_landings: list[str] = []  # found by step(), for take_failed_landings()
         self.on_kv_computed: Callable[[KvComputed], None] | None = None  # engine thread
         self._arrivals = itertools.count()
 
@@ -188,12 +209,13 @@ class LLMEngine:
 
     def kv_arrived(self, request_id: str, first_token_id: int,
                    logprobs: TokenLogprobs | None = None,
-                   num_cached_tokens: int = 0, ready: torch.cuda.Event | None = None
-                   ) -> RequestOutput:
-        """The prompt's KV landed in the reserved pages — or will once `ready` completes (a
-        CUDA event, e.g. kvd's IPC event after a queued copy: every later GPU step of this
-        engine waits for it); `first_token_id` was sampled by the prefill side. Returns the
-        first output; the request then decodes like any other."""
+                   num_cached_tokens: int = 0, ready: torch.cuda.Event | None = None,
+                   landing: Landing | None = None) -> RequestOutput:
+        """kvd answered for the reserved pages; `first_token_id` was sampled by the prefill
+        side. Returns the first output. The KV is in the pages — or lands once `ready` completes
+        (a CUDA event, e.g. kvd's IPC event after a queued copy: every later GPU step of this
+        engine waits for it) and, with `landing`, once the landing polls LANDED: until then the
+        request is gated (module doc). Otherwise the request then decodes like any other."""
         state = self._requests[request_id]
         if not 0 <= first_token_id < self.model_config.vocab_size:
             raise EngineInputError(f"first token id {first_token_id} is out of range")
@@ -204,11 +226,53 @@ class LLMEngine:
                       self.model.device)
         output = state.append_token(first_token_id, logprobs)
         if output.finished:
-            self.scheduler.release_held(state.seq)
             del self._requests[request_id]
-        else:
+            self._release_after(state.seq, landing)
+        elif landing is None or landing.poll() is LandingState.LANDED:
             self.scheduler.kv_landed(state.seq)
+        else:
+            self._gated[request_id] = landing
         return output
+
+    def poll_landings(self) -> list[str]:
+        """Poll the gated requests' landings (LANDED: queued to decode; FAILED: removed, pages
+        freed) and free parked pages whose landing is final. Returns the ids of the requests
+        failed by this call."""
+        failed = []
+        for request_id, landing in list(self._gated.items()):
+            landed = landing.poll()
+            if landed is LandingState.PENDING:
+                continue
+            del self._gated[request_id]
+            seq = self._requests[request_id].seq
+            if landed is LandingState.LANDED:
+                self.scheduler.kv_landed(seq)
+            else:
+                del self._requests[request_id]
+                self.scheduler.release_held(seq)
+                failed.append(request_id)
+        if self._parked:
+            parked, self._parked = self._parked, []
+            for seq, landing in parked:
+                self._release_after(seq, landing)
+        return failed
+
+    def take_failed_landings(self) -> list[str]:
+        """The ids of requests that `step()`'s own polls failed since the last call."""
+        failed, self._failed_landings = self._failed_landings, []
+        return failed
+
+    def awaits_landing(self) -> bool:
+        """Whether a gated request or parked pages wait for a landing (poll while true)."""
+        return bool(self._gated or self._parked)
+
+    def _release_after(self, seq: Sequence, landing: Landing | None) -> None:
+        """Free an AWAITING_KV sequence's pages now if nothing can write them any more, else
+        park them until `landing` is final."""
+        if landing is None or landing.poll() is not LandingState.PENDING:
+            self.scheduler.release_held(seq)
+        else:
+            self._parked.append((seq, landing))
 
     def release_kv(self, request_id: str) -> bool:
         """Prefill side of PD: the KV of a finished keep_kv request has been sent (or given
@@ -237,22 +301,29 @@ class LLMEngine:
         return RequestState(seq, self.tokenizer, self.eos_token_ids, limit, generator)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """End a request now; its final output, or None if it is not (or no longer) here."""
+        """End a request now; its final output, or None if it is not (or no longer) here.
+        A gated request's pages are parked (module doc)."""
         self._drain()
         state = self._requests.pop(request_id, None)
         if state is None:
             return None
         self._keep_kv.discard(request_id)
         self._kv_events.release(request_id)
-        self.scheduler.finish(state.seq, "abort")
+        landing = self._gated.pop(request_id, None)
+        if landing is not None:
+            self._release_after(state.seq, landing)
+        else:
+            self.scheduler.finish(state.seq, "abort")
         return state.final_output("abort")
 
     def has_unfinished(self) -> bool:
+        """Whether live requests exist, gated ones included (parked pages are no request:
+        `awaits_landing`)."""
         return bool(self._requests)
 
     def has_work(self) -> bool:
-        """Whether `step` would compute or return anything (requests waiting for KV or holding
-        KV for a transfer do not count)."""
+        """Whether `step` would compute or return anything (requests waiting for KV, gated
+        ones included, or holding KV for a transfer do not count)."""
         return (self.scheduler.num_unfinished > 0 or bool(self._pending)
                 or (self._overlap is not None and self._overlap.busy))
 
@@ -286,6 +357,7 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self._failed_landings += self.poll_landings()  # first: a landed request joins this step
         outputs, self._pending = self._pending, []
         if self._overlap is not None and self._overlap.eligible(self):
             return outputs + self._overlap.step(self)

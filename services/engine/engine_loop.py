@@ -5,7 +5,10 @@ Contract:
   from one FIFO queue; asyncio callers `await` the result. Results and outputs cross back only
   through `loop.call_soon_threadsafe`, so asyncio objects are touched on their own event loop.
 - The thread drains the queue, then steps the engine while `has_work()`; idle, it blocks on the
-  queue (with a timeout) and never spins.
+  queue (with a timeout) and never spins — unless the engine `awaits_landing()` (engine.py: a
+  request gated on kvd's ready flag, or parked pages): then it blocks at most LANDING_POLL_S
+  (the thread's timer slack is fine: timer_slack.py) and calls `poll_landings()` between
+  waits, so a landing is seen within tens of microseconds, not at the next command.
 - Each request added here has a stream (an asyncio.Queue of `RequestOutput` deltas) from
   admission to its finishing output. Its consumer owns the request:
     `generate(...)`          yields deltas until the finishing one;
@@ -18,6 +21,8 @@ Contract:
   output leaves nothing held: the loop releases them). `on_kv_computed`, if given, is called on
   the caller's event loop before that output, as soon as the prompt's KV is queued on the GPU
   (engine.py's `KvComputed`); an engine that cannot tell that moment never calls it.
+- A gated request whose landing fails (the KV transfer failed after its first output went out):
+  its consumer gets `KvLandingFailed`; the engine has already freed its pages.
 - A step that raises fails every live request: its consumer gets `EngineStepError`, the engine
   aborts it (pages freed), the error is logged, and the loop keeps serving new requests.
 - `stop()` aborts what is left (consumers get `EngineStopped`) and joins the thread.
@@ -34,6 +39,8 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
+from services.common.ready_flags import Landing
+from services.common.timer_slack import use_fine_timer_slack
 from services.engine.engine import LLMEngine
 from services.engine.kv_events import KvComputed
 from services.engine.output import RequestOutput
@@ -44,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 IDLE_WAIT_S = 1.0  # an idle thread blocks this long on the queue before looking again
+LANDING_POLL_S = 20e-6  # ... or this long, while the engine awaits a landing
 
 
 class EngineLoopError(RuntimeError):
@@ -56,6 +64,11 @@ class EngineStepError(EngineLoopError):
 
 class EngineStopped(EngineLoopError):
     """The loop is stopped or stopping; it takes no more requests."""
+
+
+class KvLandingFailed(EngineLoopError):
+    """kvd's ready flag said the request's KV will never land (after its first token was
+    sent); the request was removed and its pages freed."""
 
 
 class EngineLoad(NamedTuple):
@@ -161,13 +174,15 @@ class EngineLoop:
 
     async def kv_arrived(self, request_id: str, first_token_id: int,
                          logprobs: TokenLogprobs | None = None,
-                         num_cached_tokens: int = 0, ready: Any = None) -> RequestOutput:
-        """The KV landed (or lands when `ready`, a torch.cuda.Event, completes): the request
-        starts decoding. Returns the first output, which is also the first item of
-        `remote_stream(request_id)`. KeyError if the request is unknown."""
+                         num_cached_tokens: int = 0, ready: Any = None,
+                         landing: Landing | None = None) -> RequestOutput:
+        """The KV landed (or lands when `ready`, a torch.cuda.Event, completes, and `landing`
+        polls LANDED): the request decodes from then on. Returns the first output, which is also
+        the first item of `remote_stream(request_id)`; a failed landing ends that stream with
+        `KvLandingFailed`. KeyError if the request is unknown."""
         return await self._call(functools.partial(self._on_kv_arrived, request_id,
                                                   first_token_id, logprobs, num_cached_tokens,
-                                                  ready))
+                                                  ready, landing))
 
     async def remote_stream(self, request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """The outputs of a request added by `add_remote_prefill` (one consumer; KeyError from
@@ -221,20 +236,25 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self.engine.use_device()
+            use_fine_timer_slack()
             while self._serve_commands():
                 if self.engine.has_work():
                     self._step()
+                elif self.engine.awaits_landing():
+                    self._fail_landings(self.engine.poll_landings())
         except Exception:
             logger.exception("engine loop crashed")
         finally:
             self._shut_down()
 
     def _serve_commands(self) -> bool:
-        """Run the queued commands (waiting for one when idle); False at the stop marker."""
+        """Run the queued commands (waiting for one when idle, briefly while the engine awaits a
+        landing); False at the stop marker."""
         block = not self.engine.has_work()
+        wait_s = LANDING_POLL_S if self.engine.awaits_landing() else IDLE_WAIT_S
         while True:
             try:
-                command = (self._commands.get(timeout=IDLE_WAIT_S) if block
+                command = (self._commands.get(timeout=wait_s) if block
                            else self._commands.get_nowait())
             except queue.Empty:
                 return True
@@ -259,10 +279,12 @@ class EngineLoop:
         try:
             outputs = self.engine.step()
         except Exception as e:
+            self._fail_landings(self.engine.take_failed_landings())
             logger.exception("engine step failed; failing %d live request(s)", len(self._streams))
             message = f"the engine step failed: {e!r}"
             self._fail_all(lambda: EngineStepError(message))
             return
+        self._fail_landings(self.engine.take_failed_landings())
         self._dispatch(outputs)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
@@ -285,6 +307,16 @@ class EngineLoop:
         stream = self._streams.get(notice.request_id)
         if stream is not None and stream.on_kv_computed is not None:
             _call_soon(stream.loop, stream.on_kv_computed, notice)
+
+    def _fail_landings(self, request_ids: list[str]) -> None:
+        """Requests the engine removed because their KV never landed: tell their consumers."""
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                error = KvLandingFailed(
+                    f"request {request_id!r}: the KV transfer failed after the first token was "
+                    f"sent (the node's kvd log says why)")
+                _call_soon(stream.loop, _put_all, [(stream, error)])
 
     def _fail_all(self, make_error: Callable[[], BaseException]) -> None:
         streams, self._streams = self._streams, {}
@@ -324,9 +356,9 @@ class EngineLoop:
 
     def _on_kv_arrived(self, request_id: str, first_token_id: int,
                        logprobs: TokenLogprobs | None, num_cached_tokens: int, ready: Any,
-                       engine: LLMEngine) -> RequestOutput:
+                       landing: Landing | None, engine: LLMEngine) -> RequestOutput:
         output = engine.kv_arrived(request_id, first_token_id, logprobs, num_cached_tokens,
-                                   ready)
+                                   ready, landing)
         self._dispatch([output])
         return output
 
