@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import cudart
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.common.ready_flags import ReadyFlags, flags_bytes
 from services.common.shm import map_segment
 from services.common.vram import IpcMapping
 
@@ -154,6 +155,14 @@ class KvdClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def map_ready_flags(reply: kvd_pb2.AttachPoolResponse, num_pages: int) -> ReadyFlags | None:
+    """The pool's ready flags (ready_flags.py) as kvd's AttachPool answer names them; None
+    from a kvd that keeps none."""
+    if not reply.ready_flags_segment:
+        return None
+    return ReadyFlags(map_segment(reply.ready_flags_segment, flags_bytes(num_pages)), num_pages)
 
 
 def kv_layout(num_pages: int, num_layers: int, page_size: int, num_kv_heads: int,

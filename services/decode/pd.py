@@ -6,12 +6,17 @@ prefill node's kvd address):
    SGLANG_DISAGGREGATION_WAITING_TIMEOUT);
 2. ExpectKv: kvd binds those pages to the room, bootstraps the prefill side and waits for the
    KV and the first token (kvd enforces the waiting timeout and the heartbeats); with a VRAM
-   pool the worker accepts a ready event, which kvd sends when the copy is only queued;
+   pool the worker accepts a ready event, which kvd sends when the copy is only queued; with
+   ready flags (services/common/ready_flags.py) it accepts an early answer while another
+   kvd's write is in flight;
 3. the engine continues from the first token (its GPU work waiting on the ready event, if
-   any) and streams the rest.
+   any; decoding only once the ready flag says the KV landed) and streams the rest.
 On any failure or cancellation the client gets its status at once (RoomFailed); the
 request's pages are freed only after kvd's ReleaseRoom returns, i.e. once no late write from
-the prefill side can land in them.
+the prefill side can land in them — or, for a room answered with a ready flag, once the flag
+is final (the engine keeps them until then; a client that leaves first makes the worker
+release the room, so that kvd settles the flag at once). A room that fails after its flag
+was handed out ends the stream with UNAVAILABLE (KvLandingFailed).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import grpc
 from services.common import tracing
 from services.common.kvd_client import RoomFailed
 from services.common.proto.tandem.v1 import kvd_pb2, worker_pb2
+from services.common.ready_flags import LandingState
 from services.common.serve_config import ServeConfig
 from services.decode.server import GenerateServicer, Worker
 from services.engine.engine import LLMEngine
-from services.engine.engine_loop import EngineLoop
+from services.engine.engine_loop import EngineLoop, KvLandingFailed
 from services.engine.loader import LoadedModel
 from services.engine.output import RequestOutput
 from services.engine.runtime import PDAttachment, build_pd_engine
@@ -78,15 +84,18 @@ class DecodeServicer(GenerateServicer):
             reply = await self.pd.kvd.stub.ExpectKv(kvd_pb2.ExpectKvRequest(
                 pool_id=self.pd.pool_id, room=room, page_ids=page_ids,
                 peer_address=request.disaggregation.peer_kvd_address,
-                accept_ready_event=self.pd.accepts_ready_event),
+                accept_ready_event=self.pd.accepts_ready_event,
+                accept_ready_flag=self.pd.accepts_ready_flag),
                 metadata=tracing.metadata_for(waiting))
             aux = reply.aux
             logprobs = (TokenLogprobs(aux.first_token_id, aux.first_logprob,
                                       list(aux.top_token_ids), list(aux.top_logprobs))
                         if params.logprobs is not None else None)
             ready = self.pd.ready_event(reply.ready_event) if reply.ready_event else None
+            landing = (self.pd.landing(reply.ready_flag) if reply.HasField("ready_flag")
+                       else None)
             await self.engine.kv_arrived(request_id, aux.first_token_id, logprobs,
-                                         aux.cached_tokens, ready)
+                                         aux.cached_tokens, ready, landing)
         except grpc.aio.AioRpcError as e:
             self._give_up(request_id, room)
             tracing.end_span(waiting, e)
@@ -95,7 +104,8 @@ class DecodeServicer(GenerateServicer):
             self._give_up(request_id, room)
             tracing.end_span(waiting, e)
             raise
-        tracing.end_span(waiting, None, **{"tandem.kv_bytes": reply.kv_bytes})
+        tracing.end_span(waiting, None, **{"tandem.kv_bytes": reply.kv_bytes,
+                                           "tandem.early": landing is not None})
         generating = tracing.start_span("decode.generate", span)
         error: BaseException | None = None
         tokens = 0
@@ -103,11 +113,18 @@ class DecodeServicer(GenerateServicer):
             async for output in self.engine.remote_stream(request_id):
                 tokens = output.num_output_tokens
                 yield output
+        except KvLandingFailed as e:
+            error = e
+            raise RoomFailed(grpc.StatusCode.UNAVAILABLE, f"room {room!r}: {e}") from None
         except BaseException as e:
             error = e
             raise
         finally:
             tracing.end_span(generating, error, **{"tandem.output_tokens": tokens})
+            if landing is not None and landing.poll() is LandingState.PENDING:
+                # left before the KV landed: the engine keeps the pages until kvd settles the
+                # flag, which the release makes it do now (cancelling the write)
+                self._release_in_background(room)
 
     def _give_up(self, request_id: str, room: str) -> None:
         """Free the request's pages once kvd says no write into them can still land (a late
@@ -117,12 +134,22 @@ class DecodeServicer(GenerateServicer):
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _release_then_abort(self, request_id: str, room: str) -> None:
+    def _release_in_background(self, room: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(room))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _release(self, room: str) -> None:
+        """ReleaseRoom: returns once no write into the room's pages can land any more."""
         try:
             await self.pd.kvd.stub.ReleaseRoom(kvd_pb2.ReleaseRoomRequest(room=room),
                                                timeout=waiting_timeout() + 10.0)
         except grpc.aio.AioRpcError as e:  # kvd gone: nothing can write into the pool now
-            logger.warning("ReleaseRoom %s: %s; freeing its pages anyway", room, e.details())
+            logger.warning("ReleaseRoom %s: %s", room, e.details())
+
+    async def _release_then_abort(self, request_id: str, room: str) -> None:
+        try:
+            await self._release(room)
         finally:
             await self.engine.abort(request_id)
 

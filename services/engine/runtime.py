@@ -24,8 +24,10 @@ from services.common.kvd_client import (
     ensure_kvd,
     gpu_placement,
     kv_layout,
+    map_ready_flags,
 )
 from services.common.proto.tandem.v1 import kvd_pb2
+from services.common.ready_flags import Landing, ReadyFlags
 from services.common.serve_config import ServeConfig
 from services.common.vram import IpcMapping
 from services.engine.engine import DEFAULT_CPU_PAGES, EngineConfig, LLMEngine
@@ -90,12 +92,23 @@ class PDAttachment:
     pool_id: str
     peer_address: str  # the kvd's peer service: what the other side of a room dials
     mapping: IpcMapping | None = field(default=None)  # a VRAM pool's CUDA IPC mapping
+    ready_flags: ReadyFlags | None = field(default=None)  # the pool's flags (ready_flags.py)
     _ready_events: dict[bytes, Any] = field(default_factory=dict)  # IPC handle -> opened event
 
     @property
     def accepts_ready_event(self) -> bool:
         """A VRAM pool: kvd may answer ExpectKv with an event to wait on (see kvd.proto)."""
         return self.mapping is not None
+
+    @property
+    def accepts_ready_flag(self) -> bool:
+        """kvd keeps ready flags for the pool: it may answer ExpectKv early (kvd.proto)."""
+        return self.ready_flags is not None
+
+    def landing(self, flag: kvd_pb2.ReadyFlag) -> Landing:
+        """What the engine polls for a room kvd answered early (ValueError: a bad flag)."""
+        assert self.ready_flags is not None, "ready flags come only where the pool has them"
+        return self.ready_flags.landing(flag.index, flag.ticket)
 
     def ready_event(self, handle: bytes) -> Any:
         """The torch.cuda.Event of kvd's IPC event `handle`, opened once per handle (kvd
@@ -142,7 +155,8 @@ async def build_pd_engine(config: ServeConfig, loaded: LoadedModel,
                   layout.head_dim, dtype_name(layout.dtype), model_fingerprint(loaded)),
         placement)
     mapping = memory if isinstance(memory, IpcMapping) else None
-    attachment = PDAttachment(kvd, reply.pool_id, stats.peer_address, mapping)
+    attachment = PDAttachment(kvd, reply.pool_id, stats.peer_address, mapping,
+                              map_ready_flags(reply, layout.num_pages))
     if mapping is not None:
         atexit.register(attachment.close)
     if reply.reattached:
