@@ -35,7 +35,13 @@ Cases (CASE_NOTES), interleaved per repetition, median of `--repeats` after `--w
   logits. `e2e_seconds` runs from that wait returning ("prefill done": the GPU has finished the
   KV) to "decode has it"; the first token goes out as the second message at "prefill done".
   kvd waits for the event on a thread of its own (polling it), which queues the copy the
-  moment it completes (same node) or hands the room to its transfer threads (NIXL).
+  moment it completes (same node) or posts the NIXL write.
+  Through NIXL this process accepts a ready flag, as a decode worker does (its pool has
+  flags): kvd answers ExpectKv once the first token is known while the write is in flight,
+  and the decode side "has it" when the flag says landed — polled every 20 us, as the
+  worker's engine loop polls it (services/common/ready_flags.py).
+- `nixl_ahead_no_flag`: `nixl_ahead` without accepting a ready flag: kvd answers after the
+  landing (the worker's path before ready flags).
 `answered_seconds`: from the same start to ExpectKv's answer reaching this process (before its
 ready event completes): the control plane's share. `transfer_seconds` is the write alone as kvd
 timed it (SendKvResponse; the queued local copy is timed by CUDA events). Every repetition
@@ -72,8 +78,10 @@ import torch
 
 from bench.procs import free_port, start, stop, wait_grpc
 from services.common import cudart
-from services.common.kvd_client import gpu_placement
+from services.common.kvd_client import gpu_placement, map_ready_flags
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.common.ready_flags import LandingState, ReadyFlags
+from services.common.timer_slack import use_fine_timer_slack
 from services.common.vram import IpcMapping
 
 CHILD_ENV = {"UCX_MODULES": "^ib", "PYTHONUNBUFFERED": "1"}
@@ -104,7 +112,11 @@ CASE_NOTES = {
                    "the copy, ready event to the decode side; e2e from 'prefill done' (GPU "
                    "finished) to 'decode has it'; pages one run",
     "nixl_ahead": "the prefill worker's path through NIXL: kvd polls the forward pass's event, "
-                  "then writes; e2e as local_ahead; pages one run",
+                  "then posts the write; the decode side accepts a ready flag (answered while "
+                  "the write is in flight, 'has it' when the flag says landed); e2e as "
+                  "local_ahead; pages one run",
+    "nixl_ahead_no_flag": "nixl_ahead without a ready flag: the decode side is answered after "
+                          "the landing",
 }
 GOALS = {"local_ahead": 0.9, "nixl_ahead": 0.8}
 PREFILL_TAIL_S = 0.005  # GPU work queued before "prefill done" in the `_ahead` cases
@@ -122,32 +134,41 @@ class Kvd:
         self.stub = kvd_pb2_grpc.KvdServiceStub(grpc.insecure_channel(f"unix:{self.sock}"))
 
     def attach(self, worker: str, gpu: int) -> tuple[str, IpcMapping, torch.Tensor]:
-        """(pool id, mapping, [pages, page_bytes] uint8 view on cuda:gpu)."""
+        """(pool id, mapping, [pages, page_bytes] uint8 view on cuda:gpu); the pool's ready
+        flags go to FLAGS."""
         layout = kvd_pb2.KvLayout(num_pages=POOL_PAGES, page_size=PAGE_SIZE, dtype="bfloat16",
                                   model="llama-3.1-8b-shape", **SHAPE)
         reply = self.stub.AttachPool(kvd_pb2.AttachPoolRequest(
             worker_id=worker, layout=layout, placement=gpu_placement(gpu)), timeout=120)
         mapping = IpcMapping.open(gpu, reply.cuda_ipc_handle, reply.total_bytes)
         view = torch.as_tensor(mapping, device=f"cuda:{gpu}").view(POOL_PAGES, PAGE_BYTES)
+        flags = map_ready_flags(reply, POOL_PAGES)
+        assert flags is not None, "kvd keeps no ready flags"
+        FLAGS[reply.pool_id] = flags
         return reply.pool_id, mapping, view
 
 
 READY_EVENTS: dict[bytes, torch.cuda.Event] = {}  # as a decode worker caches kvd's events
+FLAGS: dict[str, ReadyFlags] = {}  # pool id -> its ready flags, mapped as a worker maps them
+FLAG_POLL_S = 20e-6  # the decode engine loop's pause between looks at a pending flag
 
 
 class Expecting:
     """The decode worker's side of one room, issued before the prefill side sends: ExpectKv
     (accepting a ready event, as a decode worker with a VRAM pool does, unless told not to),
     then the prefill side's AwaitBootstrap. `arrived`: when the decode side has the KV —
-    ExpectKv answered and the ready event it carried (if any) completed."""
+    ExpectKv answered and the ready event it carried (if any) completed, or the ready flag it
+    carried (if any; `accept_flag`) said landed."""
 
     def __init__(self, send: Kvd, recv: Kvd, pool: str, room: str, dst: list[int],
-                 accept_event: bool) -> None:
+                 accept_event: bool, accept_flag: bool = True) -> None:
         self.answered = self.arrived = 0.0
+        self.pool = pool
         self._landed = threading.Event()
         self._future = recv.stub.ExpectKv.future(kvd_pb2.ExpectKvRequest(
             pool_id=pool, room=room, page_ids=dst, peer_address=send.address,
-            timeout_seconds=60, accept_ready_event=accept_event), timeout=120)
+            timeout_seconds=60, accept_ready_event=accept_event,
+            accept_ready_flag=accept_flag), timeout=120)
         self._future.add_done_callback(self._on_done)
         send.stub.AwaitBootstrap(kvd_pb2.AwaitBootstrapRequest(room=room, timeout_seconds=60),
                                  timeout=120)
@@ -155,7 +176,18 @@ class Expecting:
     def _on_done(self, future: grpc.Future) -> None:
         self.answered = time.perf_counter()
         try:
-            handle = future.result().ready_event
+            got = future.result()
+            if got.HasField("ready_flag"):
+                use_fine_timer_slack()  # as the engine loop's thread has it
+                landing = FLAGS[self.pool].landing(got.ready_flag.index, got.ready_flag.ticket)
+                deadline = time.monotonic() + 60
+                while (state := landing.poll()) is LandingState.PENDING:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the ready flag stayed pending for 60 s")
+                    time.sleep(FLAG_POLL_S)
+                if state is not LandingState.LANDED:
+                    raise RuntimeError(f"the room failed after its early answer: {state}")
+            handle = got.ready_event
             if handle:
                 event = READY_EVENTS.get(handle)
                 if event is None:
@@ -173,6 +205,7 @@ class Expecting:
         return {"e2e_seconds": self.arrived - start_t, "transfer_seconds": sent.transfer_seconds,
                 "answered_seconds": self.answered - start_t,
                 "ready_event": bool(got.ready_event),
+                "ready_flag": got.HasField("ready_flag"),
                 "send_kv_return_seconds": returned - start_t, "kv_bytes": sent.kv_bytes,
                 "num_descriptors": sent.num_descriptors, "backend": sent.backend}
 
@@ -181,7 +214,7 @@ def kvd_room(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[
              dst: list[int], accept_event: bool = True) -> dict[str, Any]:
     """One room as the workers ran it before SendKvAhead (SendKv once the first token is
     known); times as the workers see them."""
-    expecting = Expecting(send, recv, pools[1], room, dst, accept_event)
+    expecting = Expecting(send, recv, pools[1], room, dst, accept_event, accept_event)
     start_t = time.perf_counter()
     sent = send.stub.SendKv(kvd_pb2.SendKvRequest(
         pool_id=pools[0], room=room, page_ids=src, peer_address=recv.address,
@@ -222,9 +255,11 @@ def _sleep_cycles_per_second(stream: torch.cuda.Stream) -> float:
 
 
 def kvd_room_ahead(send: Kvd, recv: Kvd, pools: tuple[str, str], room: str, src: list[int],
-                   dst: list[int], prefill: Prefill) -> dict[str, Any]:
+                   dst: list[int], prefill: Prefill, accept_flag: bool = True
+                   ) -> dict[str, Any]:
     """One room as the prefill worker sends it now (SendKvAhead; see the module doc)."""
-    expecting = Expecting(send, recv, pools[1], room, dst, accept_event=True)
+    expecting = Expecting(send, recv, pools[1], room, dst, accept_event=True,
+                          accept_flag=accept_flag)
     first_token: queue.Queue[kvd_pb2.SendKvPart] = queue.Queue()
 
     def parts() -> Iterator[kvd_pb2.SendKvPart]:
@@ -272,7 +307,9 @@ def summarize(samples: list[dict[str, Any]], baseline: list[float]) -> dict[str,
                     s["answered_seconds"] for s in samples),
                 "num_descriptors": samples[0]["num_descriptors"],
                 "backend": samples[0]["backend"],
-                "answered_with_ready_event": samples[0]["ready_event"]}
+                "answered_with_ready_event": samples[0]["ready_event"],
+                "answered_with_ready_flag_fraction": statistics.mean(
+                    s["ready_flag"] for s in samples)}
         if "tail_seconds" in samples[0]:  # sent ahead: how long the GPU still ran after
             out["prefill_tail_median_seconds"] = statistics.median(
                 s["tail_seconds"] for s in samples)
@@ -333,14 +370,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         prefill = Prefill()
 
         def through(kvd: Kvd, pool: str, dst: torch.Tensor, pages: tuple[list[int], list[int]],
-                    name: str, accept_event: bool = True, ahead: bool = False
-                    ) -> Callable[[int], dict[str, Any]]:
+                    name: str, accept_event: bool = True, ahead: bool = False,
+                    accept_flag: bool = True) -> Callable[[int], dict[str, Any]]:
             def once(rep: int) -> dict[str, Any]:
                 dst[pages[1]] = 0
                 torch.cuda.synchronize(1)
                 if ahead:
                     sample = kvd_room_ahead(a, kvd, (prefill_id, pool), f"{name}-{rep}", *pages,
-                                            prefill)
+                                            prefill, accept_flag)
                 else:
                     sample = kvd_room(a, kvd, (prefill_id, pool), f"{name}-{rep}", *pages,
                                       accept_event=accept_event)
@@ -352,6 +389,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "torch_peer_copy": lambda rep: baseline(),
             "local_ahead": through(a, local_id, dst_local, CONTIG, "local_ahead", ahead=True),
             "nixl_ahead": through(b, nixl_id, dst_nixl, CONTIG, "nixl_ahead", ahead=True),
+            "nixl_ahead_no_flag": through(b, nixl_id, dst_nixl, CONTIG, "nixl_ahead_no_flag",
+                                          ahead=True, accept_flag=False),
             "local_contiguous": through(a, local_id, dst_local, CONTIG, "local_contiguous"),
             "local_contiguous_no_event": through(a, local_id, dst_local, CONTIG,
                                                  "local_contiguous_no_event", False),
