@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -71,9 +72,17 @@ class Receiver(RoomFlow):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._recv: dict[str, _RecvRoom] = {}
+        self._background: set[asyncio.Task[None]] = set()  # drains and flag settlements
         # TransferDone by backend notification (NIXL), polled only while rooms wait for one
         self.listener = (NotificationListener(self.backend, self._on_notification)
                          if notifies(self.backend) else None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` beyond the ExpectKv that started it (held here until it ends: the loop
+        keeps only weak references to tasks)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def num_rooms(self) -> int:
@@ -145,11 +154,11 @@ class Receiver(RoomFlow):
         finally:
             if room is not None and room.flag is not None:
                 # answered early: the room goes on until its flag is final
-                asyncio.get_running_loop().create_task(self._settle_flag(req.room, room))
+                self._spawn(self._settle_flag(req.room, room))
             elif room is not None and may_be_written and not room.done.done():
                 # A late write must not land in pages given to another request: keep them
                 # pinned until the prefill side reports, dies, or a waiting timeout passes.
-                asyncio.get_running_loop().create_task(self._drain(req.room, room))
+                self._spawn(self._drain(req.room, room))
             elif room is not None and room.landing is not None and not room.landing.done():
                 # answered with a ready event: the pages stay pinned until the copy is done
                 room.landing.add_done_callback(
