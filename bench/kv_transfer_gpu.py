@@ -16,11 +16,12 @@ Cases (CASE_NOTES), interleaved per repetition, median of `--repeats` after `--w
   contiguous block into a cuda:1 tensor (`.copy_`, both devices synchronized).
 - `local_contiguous`: kvd A's same-node path (cudaMemcpyAsync peer copy per coalesced run;
   the pages are one run on both sides, as the allocator prefers: 1 descriptor). Like a decode
-  worker with a VRAM pool, this process accepts a ready event: kvd answers ExpectKv once the
-  copy is queued, and the decode side "has it" when the event completes (it synchronizes on
-  it, with its IPC handle opened once per handle as the worker does).
-- `local_contiguous_no_event`: the same room without accepting an event (kvd answers after
-  the copy, as before ready events).
+  worker with a VRAM pool, this process accepts a ready flag and a ready event: kvd answers
+  ExpectKv once the copy is queued, with a flag (see below); with an event only, the decode
+  side "has it" when the event completes (it synchronizes on it, with its IPC handle opened
+  once per handle as the worker does).
+- `local_contiguous_no_event`: the same room accepting neither (kvd answers after the copy,
+  as before ready events).
 - `nixl_contiguous`: kvd A -> kvd B through NIXL (UCX, VRAM -> VRAM), 1 descriptor.
 - `local_fragmented`, `nixl_fragmented`: every other page on both sides: 256 descriptors.
 - `local_one_page`, `nixl_one_page`: one page, so that e2e is mostly the control plane
@@ -42,6 +43,9 @@ Cases (CASE_NOTES), interleaved per repetition, median of `--repeats` after `--w
   worker's engine loop polls it (services/common/ready_flags.py).
 - `nixl_ahead_no_flag`: `nixl_ahead` without accepting a ready flag: kvd answers after the
   landing (the worker's path before ready flags).
+  The same-node path answers a decode side that accepts a ready flag with one too (set by
+  kvd's thread that waits for the copy, the moment it is done on the source GPU), else with
+  the ready event; `local_ahead_event` is `local_ahead` without accepting a flag.
 `answered_seconds`: from the same start to ExpectKv's answer reaching this process (before its
 ready event completes): the control plane's share. `transfer_seconds` is the write alone as kvd
 timed it (SendKvResponse; the queued local copy is timed by CUDA events). Every repetition
@@ -97,8 +101,9 @@ CASE_NOTES = {
     "torch_peer_copy": "BASELINE: the request's 512 MiB as one contiguous torch copy "
                        "cuda:0 -> cuda:1, synchronized",
     "local_contiguous": "kvd's same-node path, GPU 0 -> GPU 1 peer copy, pages one run on both "
-                        "sides: 1 descriptor; the decode side accepts a ready event (answered "
-                        "once the copy is queued; 'has it' when the event completes)",
+                        "sides: 1 descriptor; the decode side accepts a ready flag and event "
+                        "(answered with a flag once the copy is queued; 'has it' when the flag "
+                        "says landed)",
     "local_contiguous_no_event": "the same without accepting a ready event: kvd answers "
                                  "after the copy",
     "nixl_contiguous": "two kvds, NIXL (UCX) VRAM -> VRAM, pages one run: 1 descriptor",
@@ -109,8 +114,11 @@ CASE_NOTES = {
     "nixl_one_page": "NIXL, ONE 2 MiB page: the control plane's floor (no ratio)",
     "local_ahead": "the prefill worker's path, same node: SendKvAhead with the forward pass's "
                    "event before the GPU is done, kvd polls the event on a thread that queues "
-                   "the copy, ready event to the decode side; e2e from 'prefill done' (GPU "
-                   "finished) to 'decode has it'; pages one run",
+                   "the copy; the decode side accepts a ready flag, which kvd's thread waiting "
+                   "for the copy sets the moment it is done on the source GPU; e2e from "
+                   "'prefill done' (GPU finished) to 'decode has it'; pages one run",
+    "local_ahead_event": "local_ahead with a ready event instead of a flag: 'has it' when the "
+                         "event recorded on the destination GPU after the copy completes",
     "nixl_ahead": "the prefill worker's path through NIXL: kvd polls the forward pass's event, "
                   "then posts the write; the decode side accepts a ready flag (answered while "
                   "the write is in flight, 'has it' when the flag says landed); e2e as "
@@ -388,6 +396,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         cases: dict[str, Callable[[int], dict[str, Any]]] = {
             "torch_peer_copy": lambda rep: baseline(),
             "local_ahead": through(a, local_id, dst_local, CONTIG, "local_ahead", ahead=True),
+            "local_ahead_event": through(a, local_id, dst_local, CONTIG, "local_ahead_event",
+                                         ahead=True, accept_flag=False),
             "nixl_ahead": through(b, nixl_id, dst_nixl, CONTIG, "nixl_ahead", ahead=True),
             "nixl_ahead_no_flag": through(b, nixl_id, dst_nixl, CONTIG, "nixl_ahead_no_flag",
                                           ahead=True, accept_flag=False),

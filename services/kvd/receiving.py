@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -73,6 +74,8 @@ class Receiver(RoomFlow):
         super().__init__(*args, **kwargs)
         self._recv: dict[str, _RecvRoom] = {}
         self._background: set[asyncio.Task[None]] = set()  # drains and flag settlements
+        self._armed: dict[str, Callable[[], None]] = {}  # same-node flag rooms: set the flag
+        self._armed_lock = threading.Lock()  # `landed_now` comes from a copy-waiting thread
         # TransferDone by backend notification (NIXL), polled only while rooms wait for one
         self.listener = (NotificationListener(self.backend, self._on_notification)
                          if notifies(self.backend) else None)
@@ -218,10 +221,13 @@ class Receiver(RoomFlow):
         flag, which the landing notification's thread sets (or `_settle_flag`)."""
         flags = room.pool.flags
         room.flag = kvd_pb2.ReadyFlag(index=room.page_ids[0], ticket=flags.next_ticket())
-        index, ticket = room.flag.index, room.flag.ticket
-        if self.listener is not None:
+        on_landed = partial(flags.flags.set_landed, room.flag.index, room.flag.ticket)
+        if room.peer.kvd_id == self.kvd_id:  # a copy this kvd queued: `landed_now`
+            with self._armed_lock:
+                self._armed[name] = on_landed
+        elif self.listener is not None:
             self.listener.arm(name, agent_of(self.backend, room.peer.backend_metadata),
-                              partial(flags.flags.set_landed, index, ticket))
+                              on_landed)
         self.metrics.early_answers.inc()
         return kvd_pb2.ExpectKvResponse(aux=early.aux, kv_bytes=early.kv_bytes,
                                         ready_flag=room.flag)
@@ -252,6 +258,8 @@ class Receiver(RoomFlow):
         finally:
             if self.listener is not None:
                 self.listener.disarm(name)
+            with self._armed_lock:
+                self._armed.pop(name, None)
             self._close_recv(name, room.pool, room)  # unpinned before the worker may reuse
             if landed:
                 flags.set_landed(index, ticket)
@@ -314,6 +322,11 @@ class Receiver(RoomFlow):
                             f"room {req.room!r} expects KV from kvd {room.peer.kvd_id}")
         if room.done.done():
             return
+        if ready_event and room.accepts_ready_flag and room.landing is not None:
+            # a same-node copy queued by this kvd: an in-flight report, done with the copy
+            room.landing.add_done_callback(partial(self._copied, room, req, via))
+            req = kvd_pb2.TransferDoneRequest(room=req.room, kvd_id=req.kvd_id, aux=req.aux,
+                                              kv_bytes=req.kv_bytes, in_flight=True)
         if req.in_flight:  # the aux data, ahead of the landing
             if not req.error and room.accepts_ready_flag and room.in_flight is None:
                 room.in_flight = req
@@ -326,6 +339,27 @@ class Receiver(RoomFlow):
             room.done.set_result((req.aux, req.kv_bytes, ready_event))
             self.metrics.transfer_done.labels(via).inc()
         room.wake()
+
+    def _copied(self, room: _RecvRoom, req: kvd_pb2.TransferDoneRequest, via: str,
+                landing: asyncio.Future[float]) -> None:
+        """A same-node copy into a ready-flag room ended (its `landing`, on the loop)."""
+        if room.done.done():
+            return
+        if landing.cancelled() or landing.exception() is not None:
+            room.done.set_exception(RoomError("UNAVAILABLE", f"room {req.room!r}: the "
+                                              "same-node copy failed", "backend_error"))
+        else:
+            room.done.set_result((req.aux, req.kv_bytes, b""))
+            self.metrics.transfer_done.labels(via).inc()
+        room.wake()
+
+    def landed_now(self, name: str) -> None:
+        """From any thread: the room's KV is in its pages (this kvd's own copy is done): set
+        its ready flag now if the worker was answered with one (the loop settles it anyway)."""
+        with self._armed_lock:
+            on_landed = self._armed.pop(name, None)
+        if on_landed is not None:
+            on_landed()
 
     def _on_notification(self, sender: str, message: bytes) -> None:
         """A backend notification (notifications.py): a prefill kvd's TransferDone, taken only

@@ -281,8 +281,11 @@ class Sender(RoomFlow):
                 issued = self._issue(req.room, copy) if copy is not None else None
             loop = asyncio.get_running_loop()
             if issued is not None and issued.ready_event:
-                landing = loop.run_in_executor(None, issued.wait)
                 recv = self.receiver.room(req.room)  # kept until this send ends (_drain waits)
+                # a worker polling a ready flag has it set the moment the copy is done
+                on_copied = (partial(self.receiver.landed_now, req.room)
+                             if recv is not None and recv.accepts_ready_flag else None)
+                landing = loop.run_in_executor(None, issued.wait, on_copied)
                 if recv is not None:
                     recv.landing = landing
                 await self._answer_queued(req.room, done, issued, aux)

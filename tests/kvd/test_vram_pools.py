@@ -274,6 +274,73 @@ def test_ready_event_orders_reads_after_the_queued_copy_and_pages_wait_for_it(tm
         assert stop(kvd[0]) == 0
 
 
+def test_ready_flag_says_landed_once_a_same_node_copy_is_done(tmp_path):
+    """A decode worker that accepts a ready flag (and an event): kvd answers a same-node room
+    with the flag, not the event, once the copy is queued; the flag says landed only when
+    every byte is there (read with no GPU ordering at all, as the worker's engine reads after
+    the flag); a new room on those pages right after waits for the first to settle; nothing
+    stays pinned."""
+    import torch
+
+    from services.common.kvd_client import map_ready_flags
+    from services.common.ready_flags import LandingState
+
+    num_pages, moved = 1 << 15, 1 << 14  # 512 MiB pools; 256 MiB per room (~0.7 ms)
+    kvd = start_kvd(tmp_path, "k", "nixl")
+    _, sock, addr = kvd
+    stub = _stub(sock)
+    src_reply = _attach(stub, "prefill-fl", 0, num_pages)
+    dst_reply = _attach(stub, "decode-fl", 1, num_pages)
+    flags = map_ready_flags(dst_reply, num_pages)
+    (src_map, src), (dst_map, dst) = _open(src_reply, 0), _open(dst_reply, 1)
+    src_pages, dst_pages = src.view(num_pages, PAGE_BYTES), dst.view(num_pages, PAGE_BYTES)
+
+    def room(name: str, first: int):
+        expect = stub.ExpectKv.future(kvd_pb2.ExpectKvRequest(
+            pool_id=dst_reply.pool_id, room=name, page_ids=list(range(moved)),
+            peer_address=addr, timeout_seconds=30, accept_ready_event=True,
+            accept_ready_flag=True), timeout=60)
+        send = stub.SendKv.future(kvd_pb2.SendKvRequest(
+            pool_id=src_reply.pool_id, room=name, page_ids=list(range(first, first + moved)),
+            peer_address=addr, aux=kvd_pb2.RoomAux(first_token_id=3), timeout_seconds=30),
+            timeout=60)
+        return expect, send
+
+    def landed(got: kvd_pb2.ExpectKvResponse, first: int) -> bool:
+        assert got.HasField("ready_flag") and not got.ready_event
+        assert got.aux.first_token_id == 3 and got.kv_bytes == moved * PAGE_BYTES
+        landing = flags.landing(got.ready_flag.index, got.ready_flag.ticket)
+        deadline = time.monotonic() + 30
+        while landing.poll() is LandingState.PENDING and time.monotonic() < deadline:
+            time.sleep(20e-6)
+        assert landing.poll() is LandingState.LANDED
+        side = torch.cuda.Stream(1)  # no wait on anything kvd did
+        with torch.cuda.stream(side):
+            return torch.equal(dst_pages[:moved], src_pages[first:first + moved].to(1))
+
+    try:
+        src.copy_(pattern(src.numel(), 7, src.device))
+        torch.cuda.synchronize(0)
+        dst.zero_()
+        torch.cuda.synchronize(1)
+        expect, send = room("fl-1", 0)
+        assert landed(expect.result(timeout=60), 0), "the flag said landed before the bytes"
+        assert send.result(timeout=60).backend == "local"
+        expect2, send2 = room("fl-2", moved)
+        got2 = expect2.result(timeout=60)
+        expect3, send3 = room("fl-3", 0)  # fl-2 may still hold these pages
+        assert landed(got2, moved)
+        assert landed(expect3.result(timeout=60), 0)
+        for sent in (send2.result(timeout=60), send3.result(timeout=60)):
+            assert sent.backend == "local" and sent.kv_bytes == moved * PAGE_BYTES
+        _await_nothing_pinned(stub, timeout=10, why="rooms settled", poll=0.05)
+    finally:
+        del src, dst
+        src_map.close()
+        dst_map.close()
+        assert stop(kvd[0]) == 0
+
+
 @pytest.mark.parametrize("path", ["local_ready_event", "local", "nixl", "mooncake"])
 def test_source_ready_event_orders_kvd_reads_after_the_prefill_stream(tmp_path, path):
     """SendKvAhead before the prefill's GPU work is done: this process plays the prefill
