@@ -18,15 +18,15 @@ Contract.
   TransferDone with `in_flight` set (instead of `POSTED`, from `posted()`, or from `set_aux`
   when the aux data comes after the post), so that it can answer a worker that polls a ready
   flag (services/common/ready_flags.py) before the bytes land.
-- Decode side, `NotificationListener(backend, deliver)`: while at least one room waits
+- Decode side, `NotificationListener(backend, deliver, on_landed)`: while at least one room waits
   (`expect(fine)` / `forget(fine)` around each), a thread of its own polls
   `backend.notifications()` and hands each (sending agent, message) to `deliver` on the event
   loop that first called `expect()`; a `POSTED` one only changes the pace (an `in_flight` one
   does both). A notification for a room nobody waits for any more is delivered too
-  (`deliver` drops it). A room answered with a ready flag is `arm`ed with its prefill kvd's
-  agent and the call that sets the flag: the thread calls it the moment that agent's landing
-  TransferDone for the room arrives, before the loop hears of it (the loop sets it again;
-  `disarm` when the room ends). `close()` stops the thread.
+  (`deliver` drops it). Each landing TransferDone also goes to `on_landed(room, sender)` on
+  the listening thread, before the loop hears of it: the decode kvd sets the ready flag of a
+  room answered early there, if the sender is the room's prefill agent (receiving.py).
+  `close()` stops the thread.
 
 Polling cost and latency. A poll every 25 us cost ~45% of a core on a 2-core VM (sleeping and
 waking, mostly) and slowed kvd's own CPU transfers there (0.96x -> 0.87x of the backend
@@ -147,16 +147,16 @@ class Notice:
 
 
 class NotificationListener:
-    def __init__(self, backend: NotifyingBackend,
-                 deliver: Callable[[str, bytes], None]) -> None:
+    def __init__(self, backend: NotifyingBackend, deliver: Callable[[str, bytes], None],
+                 on_landed: Callable[[str, str], None] | None = None) -> None:
         self._backend = backend
         self._deliver = deliver
+        self._on_landed = on_landed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._waiting = 0  # rooms expecting a notification (_lock)
         self._fine = 0  # of which into GPU pools: polled POLL_S apart
         self._wanted = threading.Event()  # set while _waiting > 0, or closing
-        self._armed: dict[str, tuple[str, Callable[[], None]]] = {}  # room -> (agent, on_landed)
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -180,34 +180,19 @@ class NotificationListener:
             if self._waiting <= 0 and not self._closing:
                 self._wanted.clear()
 
-    def arm(self, room: str, agent: str | None, on_landed: Callable[[], None]) -> None:
-        """Call `on_landed` on the listening thread when `agent`'s landing TransferDone for
-        `room` arrives (at most once; nothing if `agent` is None)."""
-        if agent is not None:
-            with self._lock:
-                self._armed[room] = (agent, on_landed)
-
-    def disarm(self, room: str) -> None:
-        with self._lock:
-            self._armed.pop(room, None)
-
     def _landed_early(self, sender: str, message: bytes) -> bool:
-        """Whether `message` says a write is in flight; runs an armed room's `on_landed`."""
+        """Whether `message` says a write is in flight; a landing goes to `on_landed`."""
         try:
             done = decode(message)
         except ValueError:
             return False  # the loop logs and drops it
         if done.in_flight:
             return True
-        with self._lock:
-            armed = self._armed.get(done.room)
-            if armed is None or armed[0] != sender:
-                return False
-            del self._armed[done.room]
-        try:
-            armed[1]()
-        except Exception:  # noqa: BLE001 - the loop sets the flag too
-            logger.exception("setting room %s's ready flag failed", done.room)
+        if self._on_landed is not None:
+            try:
+                self._on_landed(done.room, sender)
+            except Exception:  # noqa: BLE001 - the loop settles the room anyway
+                logger.exception("the landing of room %s failed to be taken early", done.room)
         return False
 
     def _poll(self) -> None:

@@ -58,12 +58,34 @@ class _RecvRoom:
     listens: bool = False  # counted by the notification listener until it closes
     wakeup: asyncio.Future[None] | None = None  # what the waiting ExpectKv awaits
 
+    def __post_init__(self) -> None:
+        self.done.add_done_callback(lambda _: self.wake())  # the safety net of `wake`
+
     def wake(self) -> None:
-        """Let the waiting ExpectKv look at the room again (`done` or `released` changed).
-        Called directly where they change, so that the waiter runs on the loop's next turn;
-        a done-callback on `done` is only the safety net."""
+        """Let the room's waiter (`until_changed`) look at it again (`done`, `released` or
+        `in_flight` changed). Called directly where they change, so that the waiter runs on the
+        loop's next turn; a done-callback on `done` is only the safety net."""
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
+
+    async def until_changed(self, timeout: float, early: bool = False) -> None:
+        """Until the room is done or released — or, with `early`, has an in-flight report —
+        at most `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.done.done() and not self.released.is_set():
+                    if early and self.in_flight is not None:
+                        return
+                    self.wakeup = asyncio.get_running_loop().create_future()
+                    await self.wakeup
+        except TimeoutError:
+            pass
+
+    @property
+    def landed(self) -> bool:
+        """The prefill side reported the KV in the pages."""
+        return (self.done.done() and not self.done.cancelled()
+                and self.done.exception() is None)
 
 
 class Receiver(RoomFlow):
@@ -74,10 +96,13 @@ class Receiver(RoomFlow):
         super().__init__(*args, **kwargs)
         self._recv: dict[str, _RecvRoom] = {}
         self._background: set[asyncio.Task[None]] = set()  # drains and flag settlements
-        self._armed: dict[str, Callable[[], None]] = {}  # same-node flag rooms: set the flag
-        self._armed_lock = threading.Lock()  # `landed_now` comes from a copy-waiting thread
+        # rooms answered with a ready flag -> (who reports their landing: the prefill kvd's
+        # NIXL agent, or None for this kvd's own copy; what sets the flag)
+        self._armed: dict[str, tuple[str | None, Callable[[], None]]] = {}
+        self._armed_lock = threading.Lock()  # `landed_now` comes from other threads
         # TransferDone by backend notification (NIXL), polled only while rooms wait for one
-        self.listener = (NotificationListener(self.backend, self._on_notification)
+        self.listener = (NotificationListener(self.backend, self._on_notification,
+                                              self.landed_now)
                          if notifies(self.backend) else None)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -197,16 +222,9 @@ class Receiver(RoomFlow):
         """Until the room is done (None: `room.done` has the result), or — for a worker that
         accepts a ready flag — its aux data is known while the write is in flight (returned)."""
         timeout = req.timeout_seconds or self.settings.waiting_timeout
-        room.done.add_done_callback(lambda _: room.wake())
-        try:
-            async with asyncio.timeout(timeout):
-                while not room.done.done() and not room.released.is_set():
-                    if room.in_flight is not None:
-                        return room.in_flight
-                    room.wakeup = asyncio.get_running_loop().create_future()
-                    await room.wakeup
-        except TimeoutError:
-            pass
+        await room.until_changed(timeout, early=True)
+        if not room.done.done() and not room.released.is_set() and room.in_flight is not None:
+            return room.in_flight
         if room.done.done():
             room.done.result()  # raises the room's error
             return None
@@ -222,12 +240,11 @@ class Receiver(RoomFlow):
         flags = room.pool.flags
         room.flag = kvd_pb2.ReadyFlag(index=room.page_ids[0], ticket=flags.next_ticket())
         on_landed = partial(flags.flags.set_landed, room.flag.index, room.flag.ticket)
-        if room.peer.kvd_id == self.kvd_id:  # a copy this kvd queued: `landed_now`
+        local = room.peer.kvd_id == self.kvd_id  # a copy this kvd queued
+        reporter = None if local else agent_of(self.backend, room.peer.backend_metadata)
+        if local or reporter is not None:
             with self._armed_lock:
-                self._armed[name] = on_landed
-        elif self.listener is not None:
-            self.listener.arm(name, agent_of(self.backend, room.peer.backend_metadata),
-                              on_landed)
+                self._armed[name] = (reporter, on_landed)
         self.metrics.early_answers.inc()
         return kvd_pb2.ExpectKvResponse(aux=early.aux, kv_bytes=early.kv_bytes,
                                         ready_flag=room.flag)
@@ -241,23 +258,12 @@ class Receiver(RoomFlow):
         flags, index, ticket = room.pool.flags.flags, room.flag.index, room.flag.ticket
         landed = False
         try:
-            room.done.add_done_callback(lambda _: room.wake())
-            try:
-                async with asyncio.timeout(self.settings.waiting_timeout):
-                    while not room.done.done() and not room.released.is_set():
-                        room.wakeup = asyncio.get_running_loop().create_future()
-                        await room.wakeup
-            except TimeoutError:
-                pass
-            landed = (room.done.done() and not room.done.cancelled()
-                      and room.done.exception() is None)
+            await room.until_changed(self.settings.waiting_timeout)
+            landed = room.landed
             if not landed:
                 await self._drain(name, room)
-                landed = (room.done.done() and not room.done.cancelled()
-                          and room.done.exception() is None)
+                landed = room.landed
         finally:
-            if self.listener is not None:
-                self.listener.disarm(name)
             with self._armed_lock:
                 self._armed.pop(name, None)
             self._close_recv(name, room.pool, room)  # unpinned before the worker may reuse
@@ -353,13 +359,17 @@ class Receiver(RoomFlow):
             self.metrics.transfer_done.labels(via).inc()
         room.wake()
 
-    def landed_now(self, name: str) -> None:
-        """From any thread: the room's KV is in its pages (this kvd's own copy is done): set
-        its ready flag now if the worker was answered with one (the loop settles it anyway)."""
+    def landed_now(self, name: str, reporter: str | None = None) -> None:
+        """From any thread: the room's KV is in its pages — by the landing notification of
+        NIXL agent `reporter`, or (None) this kvd's own copy is done. Sets the room's ready
+        flag now if its worker was answered with one and `reporter` is who the room expects
+        the report from (the loop settles the flag anyway)."""
         with self._armed_lock:
-            on_landed = self._armed.pop(name, None)
-        if on_landed is not None:
-            on_landed()
+            armed = self._armed.get(name)
+            if armed is None or armed[0] != reporter:
+                return
+            del self._armed[name]
+        armed[1]()
 
     def _on_notification(self, sender: str, message: bytes) -> None:
         """A backend notification (notifications.py): a prefill kvd's TransferDone, taken only

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.kvd_client import map_ready_flags
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
+from services.common.ready_flags import LandingState
 from services.common.shm import SHM_DIR, map_segment
 from services.kvd import notifications
 from tests.procs import start_kvd, start_kvd_at, stop
@@ -89,16 +92,20 @@ async def _unpinned(stub, seconds: float = 5.0) -> bool:
     return True
 
 
-async def _reports(stub) -> dict[str, float]:
-    """The kvd's tandem_kvd_transfer_done_total by how the reports came."""
+async def kvd_samples(stub, name: str) -> list:
+    """The samples named `name` (e.g. tandem_kvd_transfer_done_total) on the kvd's /metrics."""
     stats = await stub.Stats(kvd_pb2.StatsRequest())
     with urllib.request.urlopen(f"http://{stats.metrics_address}/metrics", timeout=5) as r:
         text = r.read().decode()
+    return [sample for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]
+
+
+async def _reports(stub) -> dict[str, float]:
+    """The kvd's tandem_kvd_transfer_done_total by how the reports came."""
     counts = {"notification": 0.0, "rpc": 0.0, "in_process": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "tandem_kvd_transfer_done_total":
-                counts[sample.labels["via"]] = sample.value
+    for sample in await kvd_samples(stub, "tandem_kvd_transfer_done_total"):
+        counts[sample.labels["via"]] = sample.value
     return counts
 
 
@@ -519,7 +526,8 @@ os._exit(0)  # UCX segfaults at a normal exit (DESIGN.md)
 
 def test_a_transfer_done_notification_counts_only_from_the_rooms_prefill_kvd(two_kvds, tmp_path):
     """Another NIXL agent that handshook with the decode kvd cannot complete a room expected
-    from kvd a by notification, even naming a's kvd id; garbage is dropped. Both are logged."""
+    from kvd a by notification, even naming a's kvd id — nor set the ready flag of one whose
+    worker was answered early; garbage is dropped. Both are logged."""
     (_, sock_a, addr_a), (_, sock_b, addr_b) = two_kvds
     impostor = subprocess.Popen([sys.executable, "-c", _IMPOSTOR], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, env={
@@ -553,14 +561,32 @@ def test_a_transfer_done_notification_counts_only_from_the_rooms_prefill_kvd(two
                 pool_id=pb.pool_id, room="forged", page_ids=[4], peer_address=addr_a,
                 timeout_seconds=1.5)))
             await asyncio.sleep(0.5)  # bootstrapped with kvd a: the listener polls
-            forged = kvd_pb2.TransferDoneRequest(room="forged", kvd_id=a_id, kv_bytes=1,
-                                                 aux=kvd_pb2.RoomAux(first_token_id=1))
-            say((notifications.PREFIX + forged.SerializeToString()).hex())
+            # a room answered early with a ready flag (a's in-flight report, in a's name)
+            early = asyncio.ensure_future(b.ExpectKv(kvd_pb2.ExpectKvRequest(
+                pool_id=pb.pool_id, room="forged-flag", page_ids=[5], peer_address=addr_a,
+                accept_ready_flag=True)))
+            await asyncio.sleep(0.5)
+            await kvd_pb2_grpc.KvdPeerServiceStub(ch_b).TransferDone(kvd_pb2.TransferDoneRequest(
+                room="forged-flag", kvd_id=a_id, in_flight=True,
+                aux=kvd_pb2.RoomAux(first_token_id=1)))
+            got = await asyncio.wait_for(early, 5)
+            landing = map_ready_flags(pb, LAYOUT.num_pages).landing(got.ready_flag.index,
+                                                                    got.ready_flag.ticket)
+            for room in ("forged", "forged-flag"):
+                forged = kvd_pb2.TransferDoneRequest(room=room, kvd_id=a_id, kv_bytes=1,
+                                                     aux=kvd_pb2.RoomAux(first_token_id=1))
+                say((notifications.PREFIX + forged.SerializeToString()).hex())
             say(b"garbage".hex())
-            assert said("sent") == said("sent") == "ok"
+            assert said("sent") == said("sent") == said("sent") == "ok"
+            await asyncio.sleep(0.3)  # the listener polls every 25-500 us
+            assert landing.poll() is LandingState.PENDING  # the forged landing set nothing
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await expect
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # not completed
+            deadline = time.monotonic() + 10  # the waiting timeout (2 s) fails the flag room
+            while landing.poll() is LandingState.PENDING and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert landing.poll() is LandingState.FAILED
         assert await _unpinned(b)
 
     try:

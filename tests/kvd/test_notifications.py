@@ -206,7 +206,7 @@ def test_the_aux_data_goes_early_once_while_the_write_is_in_flight():
     assert backend.sent == [("peer", notifications.POSTED + b"r1")]
 
 
-def test_an_armed_room_is_flagged_by_the_listening_thread_from_its_agent_only():
+def test_a_landing_goes_to_on_landed_on_the_listening_thread_before_the_loop():
     backend = _Backend()
 
     async def run():
@@ -217,32 +217,25 @@ def test_an_armed_room_is_flagged_by_the_listening_thread_from_its_agent_only():
             delivered.append(message)
             arrived.set()
 
-        flagged: list[int] = []
-        listener = NotificationListener(backend, deliver)
+        landed: list[tuple[str, str, int, int]] = []  # room, sender, thread, delivered by then
+        listener = NotificationListener(backend, deliver, lambda room, sender: landed.append(
+            (room, sender, threading.get_ident(), len(delivered))))
         try:
             listener.expect(fine=True)
-            listener.arm("r1", "agent-a", lambda: flagged.append(threading.get_ident()))
-            landed = notifications.encode(_done())
-            with backend.lock:  # in flight: not the landing; an impostor: not the agent
-                backend.inbox += [("agent-a", _in_flight(_done())), ("agent-x", landed)]
+            with backend.lock:  # in flight: no landing; garbage: neither
+                backend.inbox += [("agent-a", _in_flight(_done())), ("agent-x", b"garbage")]
             while len(delivered) < 2:
                 arrived.clear()
                 await asyncio.wait_for(arrived.wait(), 2)
-            assert flagged == []
-            with backend.lock:
-                backend.inbox += [("agent-a", landed), ("agent-a", landed)]
-            while len(delivered) < 4:
-                arrived.clear()
-                await asyncio.wait_for(arrived.wait(), 2)
-            # once, on the listening thread, and the loop still hears of it
-            assert len(flagged) == 1 and flagged[0] != threading.get_ident()
-            listener.arm("r2", "agent-a", lambda: flagged.append(0))
-            listener.disarm("r2")
+            assert landed == []
             with backend.lock:
                 backend.inbox.append(("agent-a", notifications.encode(_done(room="r2"))))
-            arrived.clear()
-            await asyncio.wait_for(arrived.wait(), 2)
-            assert len(flagged) == 1  # disarmed
+            while len(delivered) < 3:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 2)
+            # on the listening thread, before the loop had the message; the loop still gets it
+            assert [(r, s, n) for r, s, _, n in landed] == [("r2", "agent-a", 2)]
+            assert landed[0][2] != threading.get_ident()
         finally:
             listener.close()
 
