@@ -25,7 +25,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
+from typing import Any
 
 import grpc
 
@@ -124,18 +125,17 @@ class DecodeServicer(GenerateServicer):
             if landing is not None and landing.poll() is LandingState.PENDING:
                 # left before the KV landed: the engine keeps the pages until kvd settles the
                 # flag, which the release makes it do now (cancelling the write)
-                self._release_in_background(room)
+                self._in_background(self._release(room))
 
     def _give_up(self, request_id: str, room: str) -> None:
         """Free the request's pages once kvd says no write into them can still land (a late
         write into pages reused by another request would corrupt it). In the background: the
         client gets its answer now."""
-        task = asyncio.get_running_loop().create_task(self._release_then_abort(request_id, room))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+        self._in_background(self._release_then_abort(request_id, room))
 
-    def _release_in_background(self, room: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._release(room))
+    def _in_background(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        """Run `cleanup` after the request's answer, held until it ends."""
+        task = asyncio.get_running_loop().create_task(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.kvd_client import map_ready_flags
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc
 from services.common.ready_flags import LandingState
-from tests.kvd.test_kvd import SHORT, _attach, _client, _unpinned
+from tests.kvd.test_kvd import SHORT, _attach, _client, _unpinned, kvd_samples
 from tests.procs import kill, start_kvd, stop
 
 LAYOUT = kvd_pb2.KvLayout(num_pages=32, num_layers=2, page_size=16, num_kv_heads=2,
@@ -41,12 +39,31 @@ def pair(tmp_path_factory):
         assert proc.poll() is not None or stop(proc) == 0
 
 
-async def _early_metric(stub) -> float:
-    stats = await stub.Stats(kvd_pb2.StatsRequest())
-    with urllib.request.urlopen(f"http://{stats.metrics_address}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "tandem_kvd_early_answers_total")
+async def early_answers(stub) -> float:
+    """The kvd's tandem_kvd_early_answers_total."""
+    return sum(s.value for s in await kvd_samples(stub, "tandem_kvd_early_answers_total"))
+
+
+async def kvd_id_at(address: str) -> str:
+    """The id of the kvd whose peer service is at `address` (its Heartbeat answer)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        return (await kvd_pb2_grpc.KvdPeerServiceStub(channel).Heartbeat(
+            kvd_pb2.HeartbeatRequest(kvd_id="test"))).kvd_id
+
+
+async def report_in_flight(prefill_address: str, decode_stub, decode_address: str, room: str,
+                           aux: kvd_pb2.RoomAux) -> None:
+    """What the in-flight notification of the kvd at `prefill_address` says, in its name, by
+    RPC to the decode kvd (see the module doc), once that kvd expects a room (a report before
+    would be refused)."""
+    prefill_id = await kvd_id_at(prefill_address)
+    for _ in range(500):
+        if (await decode_stub.Stats(kvd_pb2.StatsRequest())).open_rooms > 0:
+            break
+        await asyncio.sleep(0.01)
+    async with grpc.aio.insecure_channel(decode_address) as channel:
+        await kvd_pb2_grpc.KvdPeerServiceStub(channel).TransferDone(kvd_pb2.TransferDoneRequest(
+            room=room, kvd_id=prefill_id, in_flight=True, aux=aux))
 
 
 async def _until_final(landing, seconds: float = 10.0) -> LandingState:
@@ -72,21 +89,10 @@ class Room:
         self.expecting = asyncio.ensure_future(self.b.ExpectKv(kvd_pb2.ExpectKvRequest(
             pool_id=self.pb.pool_id, room=self.name, page_ids=ROOM_PAGES,
             peer_address=self.addr_a, accept_ready_flag=accept_flag)))
-        async with grpc.aio.insecure_channel(self.addr_a) as channel:  # a's id, for the report
-            peer = kvd_pb2_grpc.KvdPeerServiceStub(channel)
-            self.a_id = (await peer.Heartbeat(kvd_pb2.HeartbeatRequest(kvd_id="test"))).kvd_id
-        for _ in range(500):  # until b expects the room (a report before would be refused)
-            if (await self.b.Stats(kvd_pb2.StatsRequest())).open_rooms > 0:
-                break
-            await asyncio.sleep(0.01)
 
     async def report_in_flight(self) -> None:
-        """What a's in-flight notification says, in a's name, by RPC (see the module doc)."""
-        async with grpc.aio.insecure_channel(self.addr_b) as channel:
-            await kvd_pb2_grpc.KvdPeerServiceStub(channel).TransferDone(
-                kvd_pb2.TransferDoneRequest(room=self.name, kvd_id=self.a_id, in_flight=True,
-                                            aux=kvd_pb2.RoomAux(first_token_id=7,
-                                                                cached_tokens=3)))
+        await report_in_flight(self.addr_a, self.b, self.addr_b, self.name,
+                               kvd_pb2.RoomAux(first_token_id=7, cached_tokens=3))
 
     def send(self) -> asyncio.Future:
         return asyncio.ensure_future(self.a.SendKv(kvd_pb2.SendKvRequest(
@@ -115,7 +121,7 @@ def test_answered_in_flight_then_flag_says_landed(pair):
 
     async def run():
         room = Room(_client(sock_a), _client(sock_b), addr_a, addr_b, "r-land")
-        before = await _early_metric(room.b)
+        before = await early_answers(room.b)
         await room.expect()
         assert not room.expecting.done()
         await room.report_in_flight()
@@ -125,7 +131,7 @@ def test_answered_in_flight_then_flag_says_landed(pair):
         assert got.ready_flag.index == ROOM_PAGES[0] and got.ready_flag.ticket > 0
         landing = room.landing(got)
         assert landing.poll() is LandingState.PENDING
-        assert await _early_metric(room.b) == before + 1
+        assert await early_answers(room.b) == before + 1
         await room.send()
         assert await _until_final(landing) is LandingState.LANDED
         assert room.landed_exactly()
@@ -179,7 +185,8 @@ def test_an_error_report_after_an_early_answer_fails_the_flag(pair):
         landing = await room.answered_early()
         async with grpc.aio.insecure_channel(addr_b) as channel:
             await kvd_pb2_grpc.KvdPeerServiceStub(channel).TransferDone(
-                kvd_pb2.TransferDoneRequest(room="r-err", kvd_id=room.a_id, error="disk on fire"))
+                kvd_pb2.TransferDoneRequest(room="r-err", kvd_id=await kvd_id_at(addr_a),
+                                            error="disk on fire"))
         assert await _until_final(landing) is LandingState.FAILED
         assert await _unpinned(room.b)
         await room.b.ReleaseRoom(kvd_pb2.ReleaseRoomRequest(room="r-err"))  # nothing left

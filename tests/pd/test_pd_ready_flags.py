@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 import uuid
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.proto.tandem.v1 import kvd_pb2, kvd_pb2_grpc, worker_pb2
+from tests.kvd.test_ready_flags import early_answers, report_in_flight
 from tests.pd.harness import Node, decode_leg, launch_worker, pd_request, start_node, wait_baseline
 from tests.procs import kill, stop
 
@@ -45,36 +44,28 @@ def cluster(tmp_path, model):
             stop(node.kvd)
 
 
-async def _a_id(a: Node) -> str:
-    async with grpc.aio.insecure_channel(a.kvd_address) as ch:
-        reply = await kvd_pb2_grpc.KvdPeerServiceStub(ch).Heartbeat(
-            kvd_pb2.HeartbeatRequest(kvd_id="test"))
-    return reply.kvd_id
-
-
 async def _report_in_flight(a: Node, b: Node, room: str) -> None:
     """What a's in-flight notification would say, once b expects the room."""
-    a_id = await _a_id(a)
     async with grpc.aio.insecure_channel(f"unix:{b.socket}") as ch:
-        stub = kvd_pb2_grpc.KvdServiceStub(ch)
-        for _ in range(500):
-            if (await stub.Stats(kvd_pb2.StatsRequest())).open_rooms:
-                break
-            await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # b's bootstrap at a: the report is taken only from a room's peer
-    async with grpc.aio.insecure_channel(b.kvd_address) as ch:
-        await kvd_pb2_grpc.KvdPeerServiceStub(ch).TransferDone(kvd_pb2.TransferDoneRequest(
-            room=room, kvd_id=a_id, in_flight=True, kv_bytes=1,
-            aux=kvd_pb2.RoomAux(first_token_id=FIRST_TOKEN)))
+        await report_in_flight(a.kvd_address, kvd_pb2_grpc.KvdServiceStub(ch), b.kvd_address,
+                               room, kvd_pb2.RoomAux(first_token_id=FIRST_TOKEN))
 
 
 async def _early_answers(b: Node) -> float:
     async with grpc.aio.insecure_channel(f"unix:{b.socket}") as ch:
-        stats = await kvd_pb2_grpc.KvdServiceStub(ch).Stats(kvd_pb2.StatsRequest())
-    with urllib.request.urlopen(f"http://{stats.metrics_address}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "tandem_kvd_early_answers_total")
+        return await early_answers(kvd_pb2_grpc.KvdServiceStub(ch))
+
+
+async def _answered_early(a: Node, b: Node, decode: str) -> tuple[str, asyncio.Future]:
+    """A room's decode leg at `decode`, its prefill side played by kvd a, once the client has
+    its first token (kvd b answered the worker early): (room, the leg)."""
+    room = uuid.uuid4().hex
+    first = asyncio.Event()
+    leg = asyncio.ensure_future(decode_leg(decode, _request(), room, a.kvd_address,
+                                           timeout=60, started=first))
+    await _report_in_flight(a, b, room)
+    await asyncio.wait_for(first.wait(), 10)
+    return room, leg
 
 
 def _request() -> worker_pb2.GenerateRequest:
@@ -85,12 +76,7 @@ def test_prefill_kvd_dying_after_an_early_answer_ends_the_stream_unavailable(clu
     a, b, decode = cluster
 
     async def run():
-        room = uuid.uuid4().hex
-        first = asyncio.Event()
-        leg = asyncio.ensure_future(decode_leg(decode, _request(), room, a.kvd_address,
-                                               timeout=60, started=first))
-        await _report_in_flight(a, b, room)
-        await asyncio.wait_for(first.wait(), 10)  # the first token is out: answered early
+        room, leg = await _answered_early(a, b, decode)
         assert await _early_answers(b) == 1
         kill(a.kvd)
         started = time.monotonic()
@@ -108,12 +94,7 @@ def test_a_client_leaving_after_an_early_answer_frees_everything_at_once(cluster
     a, b, decode = cluster
 
     async def run():
-        room = uuid.uuid4().hex
-        first = asyncio.Event()
-        leg = asyncio.ensure_future(decode_leg(decode, _request(), room, a.kvd_address,
-                                               timeout=60, started=first))
-        await _report_in_flight(a, b, room)
-        await asyncio.wait_for(first.wait(), 10)
+        _, leg = await _answered_early(a, b, decode)
         leg.cancel()
         await asyncio.gather(leg, return_exceptions=True)
         # the worker released the room: kvd cancelled it at a and settled the flag, and the
