@@ -13,11 +13,16 @@ deployments run the same `tandem serve` workers (bf16, Triton attention, CUDA gr
 holding the pools of both GPUs: the same-node NVLink path).
 
 Load (`tandem bench`, chat completions, streamed, ignore_eos): random prompts of ~2,000 tokens and
-256 output tokens, Poisson arrivals. `--request-rate auto` first measures unified's capacity
-(all requests at once, 64 prompts) and then runs both deployments at 85% of it. Reported per
-deployment: TTFT, ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT
-SLOs); and PD / unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with
-goodput >= unified's. Results, with the GPUs named, go to `--out`.
+256 output tokens, Poisson arrivals, after a discarded warm-up burst on each deployment.
+`--request-rate auto` first measures unified's capacity (all requests at once, 64 prompts) and
+then runs both deployments at 85% of it; `--rate-fractions 0.85,1.0,1.15` sweeps several
+fractions of that capacity, `--request-rate 12,15,18` several fixed rates, on the same two
+deployments (each started once, the rates run in turn). Reported per deployment and rate: TTFT,
+ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs); and PD /
+unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with goodput >=
+unified's. The first rate's run is the headline (top-level `unified_2x`, `pd_1p1d`,
+`pd_over_unified`, `goal`); every rate's is under `by_rate`. Results, with the
+GPUs named, go to `--out`.
 """
 
 from __future__ import annotations
@@ -148,6 +153,15 @@ def _save_log_tails(tmp: Path, to: Path) -> None:
     to.write_text("\n".join(parts) + "\n")
 
 
+def _write_partial(out: str, results: dict, by_rate: dict) -> None:
+    """What has run so far, marked partial: a run cut short by its time limit keeps its rates."""
+    summaries = {key: {name: run[name]["summary"] for name in run if name != "request_rate"}
+                 | {"request_rate": run["request_rate"]} for key, run in by_rate.items()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({**results, "partial": True, "by_rate": summaries},
+                                    indent=2, default=str) + "\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
@@ -155,9 +169,17 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=2000)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--range-ratio", type=float, default=1.0)  # exact lengths
-    p.add_argument("--request-rate", default="auto", help="requests/s, or auto: 85%% of "
-                   "unified's measured capacity")
+    p.add_argument("--request-rate", default="auto", help="requests/s (comma-separated for "
+                   "several, the first being the headline), or auto: fractions of unified's "
+                   "measured capacity (--rate-fractions)")
+    p.add_argument("--rate-fractions", default="0.85",
+                   help="with --request-rate auto: comma-separated fractions of unified's "
+                   "capacity to run both deployments at, the first being the headline")
+    p.add_argument("--warmup-prompts", type=int, default=32, help="sent all at once to each "
+                   "deployment before anything is measured, results discarded")
     p.add_argument("--chunked-prefill-size", type=int, default=4096)
+    p.add_argument("--worker-flags", default="", help="more `tandem serve` flags for every "
+                   "worker of both deployments, e.g. \"--max-running-requests 128\"")
     p.add_argument("--slo-ttft-ms", type=float, default=1000)
     p.add_argument("--slo-itl-ms", type=float, default=25, help="TPOT SLO, as tandem bench")
     p.add_argument("--backend", default="nixl", choices=("nixl", "mooncake"))
@@ -174,8 +196,12 @@ def main() -> int:
         model = tmp / "model"
         write_model(model, args.shape, args.device)
         flags = ["--model-path", str(model), "--device", args.device,
-                 "--chunked-prefill-size", str(args.chunked_prefill_size)]
-        load = argparse.Namespace(**vars(args))
+                 "--chunked-prefill-size", str(args.chunked_prefill_size),
+                 *args.worker_flags.split()]
+        fractions = [float(f) for f in args.rate_fractions.split(",")]
+        rates: dict[str, float] = {} if args.request_rate == "auto" else {
+            f"{float(r):g}rps": float(r) for r in args.request_rate.split(",")}
+        by_rate: dict[str, dict] = {}
         runs = [("unified_2x", lambda: unified(tmp, flags)),
                 ("pd_1p1d", lambda: pd(tmp, flags, args.backend))]
         for name, make in runs:
@@ -185,30 +211,52 @@ def main() -> int:
                 _save_log_tails(tmp, Path(args.out).with_suffix(".logs.txt"))
                 raise
             try:
-                if args.request_rate == "auto" and "capacity" not in results:
-                    probe = argparse.Namespace(**{**vars(load), "num_prompts": 64,
+                # every kernel variant compiled and every worker warm before anything is
+                # measured: on a fresh machine the first measured run otherwise paid Triton's
+                # compilation (unified's TTFT p99 826-1046 ms there, 122-252 ms warm)
+                warm_up = argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_prompts,
+                                                "request_rate": "inf"})
+                run_load(d, warm_up, tmp, f"{name}-warmup")
+                if not rates:  # unified runs first: its capacity sets every rate
+                    probe = argparse.Namespace(**{**vars(args), "num_prompts": 64,
                                                   "request_rate": "inf"})
                     summary = run_load(d, probe, tmp, "capacity")["summary"]
                     results["capacity"] = summary
-                    load.request_rate = round(0.85 * summary["request_throughput"], 2)
-                    print("request rate", load.request_rate, flush=True)
-                results[name] = run_load(d, load, tmp, name)
-                results[name]["itl_by_position"] = itl_by_position(tmp / f"bench-{name}.json")
+                    rates = {f"{f:g}": round(f * summary["request_throughput"], 2)
+                             for f in fractions}
+                    print("request rates", rates, flush=True)
+                for key, rate in rates.items():
+                    load = argparse.Namespace(**{**vars(args), "request_rate": rate})
+                    run = run_load(d, load, tmp, f"{name}-{key}")
+                    run["itl_by_position"] = itl_by_position(tmp / f"bench-{name}-{key}.json")
+                    by_rate.setdefault(key, {"request_rate": rate})[name] = run
+                    _write_partial(args.out, results, by_rate)
             except Exception:
                 _save_log_tails(tmp, Path(args.out).with_suffix(".logs.txt"))
                 raise
             finally:
                 d.close()
-    pd_summary = results["pd_1p1d"]["summary"]
-    results["pd_over_unified"] = _ratios(pd_summary, results["unified_2x"]["summary"])
-    ratios = results["pd_over_unified"]
+    for run in by_rate.values():
+        ratios = _ratios(run["pd_1p1d"]["summary"], run["unified_2x"]["summary"])
+        run["pd_over_unified"] = ratios
+        run["goal_met"] = (ratios.get("itl_ms_p99", 9) <= 0.5
+                           and ratios.get("goodput", 0) >= 1.0)
+    headline = next(iter(by_rate.values()))
+    results.update(unified_2x=headline["unified_2x"], pd_1p1d=headline["pd_1p1d"],
+                   pd_over_unified=headline["pd_over_unified"])
     results["goal"] = {"itl_p99_ratio_max": 0.5, "goodput_ratio_min": 1.0,
-                       "met": ratios.get("itl_ms_p99", 9) <= 0.5
-                       and ratios.get("goodput", 0) >= 1.0}
-    results["config"]["request_rate_used"] = load.request_rate
+                       "met": headline["goal_met"]}
+    deployments = ("unified_2x", "pd_1p1d")
+    results["by_rate"] = {
+        key: {k: v for k, v in run.items() if k not in deployments}
+        | {name: {k: run[name][k] for k in ("summary", "itl_by_position")} for name in deployments}
+        for key, run in by_rate.items()}
+    results["config"]["request_rate_used"] = headline["request_rate"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(json.dumps({"pd_over_unified": ratios, "goal": results["goal"]}, indent=2))
+    print(json.dumps({key: {"request_rate": run["request_rate"], "goal_met": run["goal_met"],
+                            "pd_over_unified": run["pd_over_unified"]}
+                      for key, run in by_rate.items()}, indent=2))
     return 0
 
 
