@@ -23,7 +23,8 @@ PD hooks (the engine never moves KV itself; kvd does, between the calls):
   first token and returns the first output. Without `landing` the KV is in the pages (or will
   be before any later GPU step: `ready`) and the request decodes from the next step. With
   `landing` (kvd answered early: services/common/ready_flags.py) the request is gated: it stays
-  AWAITING_KV, its pages unread, until the landing polls LANDED.
+  AWAITING_KV, its pages unread, until the landing polls LANDED (landings.py owns the gated
+  requests and parked pages, and maps the pages' phases).
 - `poll_landings()` polls every gated landing (and `step()` does, first): LANDED -> the request
   decodes from that step on; FAILED -> the request is removed, its pages freed. Each failed id
   is reported once: by the `poll_landings()` call that found it, or, when `step()` found it, by
@@ -33,11 +34,6 @@ PD hooks (the engine never moves KV itself; kvd does, between the calls):
   still write them, so they stay held — counted in the pool, no longer a request — until its
   landing is final (LANDED or FAILED); `poll_landings()` frees them then. `awaits_landing()`:
   gated requests or parked pages exist; a driver keeps polling while it is true, work or not.
-  Decode pages of a room, by phase:
-      reserved .. kv_arrived          kvd writes them; the engine does not touch them
-      gated (landing PENDING)         same; the first token is out
-      LANDED .. request ends          the engine's, like any request's pages
-      parked (ended while PENDING)    kvd may still write them; held until the landing is final
 The KV pool may be memory the engine did not allocate (`pool=`): kvd's segment in a worker.
 """
 
@@ -50,13 +46,14 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.ready_flags import Landing, LandingState
+from services.common.ready_flags import Landing
 from services.common.serve_config import ATTENTION_BACKENDS
 from services.engine.attention import TorchPagedAttention
 from services.engine.config import ModelConfig
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.kv_events import KvComputed, KvEvents
 from services.engine.kv_pool import KVLayout, KVPool, pages_for_memory
+from services.engine.landings import PendingLandings
 from services.engine.model import LlamaModel
 from services.engine.output import Completion, RequestOutput, RequestState
 from services.engine.overlap import OverlappedDecode
@@ -136,9 +133,7 @@ class LLMEngine:
         self._requests: dict[str, RequestState] = {}  # every live request, in any state
         self._keep_kv: set[str] = set()  # PD prefill requests whose pages outlive them
         self._kv_events = KvEvents(model.device)
-        self._gated: dict[str, Landing] = {}  # PD decode: first token out, KV not yet landed
-        self._parked: list[tuple[Sequence, Landing]] = []  # ended; pages wait for the landing
-        self._failed_landings: list[str] = []  # found by step(), for take_failed_landings()
+        self._landings = PendingLandings(self.scheduler)  # PD decode: waits on ready flags
         self.on_kv_computed: Callable[[KvComputed], None] | None = None  # engine thread
         self._arrivals = itertools.count()
 
@@ -227,52 +222,27 @@ class LLMEngine:
         output = state.append_token(first_token_id, logprobs)
         if output.finished:
             del self._requests[request_id]
-            self._release_after(state.seq, landing)
-        elif landing is None or landing.poll() is LandingState.LANDED:
-            self.scheduler.kv_landed(state.seq)
+            self._landings.release_or_park(state.seq, landing)
         else:
-            self._gated[request_id] = landing
+            self._landings.decode_when_landed(state.seq, landing)
         return output
 
     def poll_landings(self) -> list[str]:
         """Poll the gated requests' landings (LANDED: queued to decode; FAILED: removed, pages
         freed) and free parked pages whose landing is final. Returns the ids of the requests
         failed by this call."""
-        failed = []
-        for request_id, landing in list(self._gated.items()):
-            landed = landing.poll()
-            if landed is LandingState.PENDING:
-                continue
-            del self._gated[request_id]
-            seq = self._requests[request_id].seq
-            if landed is LandingState.LANDED:
-                self.scheduler.kv_landed(seq)
-            else:
-                del self._requests[request_id]
-                self.scheduler.release_held(seq)
-                failed.append(request_id)
-        if self._parked:
-            parked, self._parked = self._parked, []
-            for seq, landing in parked:
-                self._release_after(seq, landing)
+        failed = self._landings.poll()
+        for request_id in failed:
+            del self._requests[request_id]
         return failed
 
     def take_failed_landings(self) -> list[str]:
         """The ids of requests that `step()`'s own polls failed since the last call."""
-        failed, self._failed_landings = self._failed_landings, []
-        return failed
+        return self._landings.take_failed()
 
     def awaits_landing(self) -> bool:
         """Whether a gated request or parked pages wait for a landing (poll while true)."""
-        return bool(self._gated or self._parked)
-
-    def _release_after(self, seq: Sequence, landing: Landing | None) -> None:
-        """Free an AWAITING_KV sequence's pages now if nothing can write them any more, else
-        park them until `landing` is final."""
-        if landing is None or landing.poll() is not LandingState.PENDING:
-            self.scheduler.release_held(seq)
-        else:
-            self._parked.append((seq, landing))
+        return self._landings.is_waiting
 
     def release_kv(self, request_id: str) -> bool:
         """Prefill side of PD: the KV of a finished keep_kv request has been sent (or given
@@ -309,10 +279,7 @@ class LLMEngine:
             return None
         self._keep_kv.discard(request_id)
         self._kv_events.release(request_id)
-        landing = self._gated.pop(request_id, None)
-        if landing is not None:
-            self._release_after(state.seq, landing)
-        else:
+        if not self._landings.abort(request_id):
             self.scheduler.finish(state.seq, "abort")
         return state.final_output("abort")
 
@@ -357,7 +324,7 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        self._failed_landings += self.poll_landings()  # first: a landed request joins this step
+        self._landings.keep_failed(self.poll_landings())  # first: a landed request joins this step
         outputs, self._pending = self._pending, []
         if self._overlap is not None and self._overlap.eligible(self):
             return outputs + self._overlap.step(self)
