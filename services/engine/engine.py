@@ -42,68 +42,28 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
-from dataclasses import dataclass
 
 import torch
 
 from services.common.ready_flags import Landing
-from services.common.serve_config import ATTENTION_BACKENDS
-from services.engine.attention import TorchPagedAttention
 from services.engine.config import ModelConfig
+from services.engine.engine_config import EngineConfig, build_runner, kv_layout
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.kv_events import KvComputed, KvEvents
-from services.engine.kv_pool import KVLayout, KVPool, pages_for_memory
+from services.engine.kv_pool import KVPool
 from services.engine.landings import PendingLandings
 from services.engine.model import LlamaModel
 from services.engine.output import Completion, RequestOutput, RequestState
 from services.engine.overlap import OverlappedDecode
-from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler, TokenLogprobs, make_generator, skip_one_draw
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler, SchedulerConfig
+from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence, SequenceStatus
 from services.engine.tokenizer import Tokenizer
 
 
 class EngineInputError(ValueError):
     """A request the engine refuses; the message says why, with the numbers."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    page_size: int = 16
-    num_pages: int | None = None  # KV pool size; None: from mem_fraction_static (GPU) or 2048
-    mem_fraction_static: float | None = None  # GPU: fraction of device memory for weights + KV
-    max_running_requests: int = 64
-    chunked_prefill_size: int = 512
-    enable_prefix_cache: bool = True
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    device: str = "cpu"
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch_native on CPU
-    disable_cuda_graph: bool = False  # CUDA: decode steps run eagerly
-    cuda_graph_max_bs: int | None = None  # largest captured decode batch; None: max running
-    disable_overlap_schedule: bool = False  # CUDA graphs: no host/GPU overlap of decode steps
-
-    def __post_init__(self) -> None:
-        if self.page_size < 1:
-            raise ValueError(f"--page-size must be >= 1, got {self.page_size}")
-        if self.num_pages is not None and self.num_pages < 1:
-            raise ValueError(f"--num-kv-pages must be >= 1, got {self.num_pages}")
-        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
-            raise ValueError(
-                f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"
-            )
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got "
-                             f"{self.attention_backend!r}")
-        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
-            raise ValueError(f"--cuda-graph-max-bs must be >= 1, got {self.cuda_graph_max_bs}")
-
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_running_requests, self.chunked_prefill_size)
-
-
-DEFAULT_CPU_PAGES = 2048
 
 
 class LLMEngine:
@@ -113,7 +73,8 @@ class LLMEngine:
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.config = config
-        self.pool = pool if pool is not None else KVPool.allocate(self._layout(), model.device)
+        self.pool = (pool if pool is not None
+                     else KVPool.allocate(kv_layout(model, config), model.device))
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
@@ -121,7 +82,7 @@ class LLMEngine:
                                  config.enable_prefix_cache)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
         self.use_device()
-        self.runner = self._runner()
+        self.runner = build_runner(model, self.pool, config, self.max_model_len)
         graphs = self.runner.graphs
         self._overlap = (OverlappedDecode(graphs.max_batch, model.device)
                          if graphs is not None and not config.disable_overlap_schedule
@@ -143,44 +104,6 @@ class LLMEngine:
         that drives the engine; the constructor does it for its own."""
         if self.model.device.type == "cuda":
             torch.cuda.set_device(self.model.device)
-
-    def _runner(self) -> ModelRunner:
-        """The model runner with the configured attention backend (and decode CUDA graphs)."""
-        mc, cfg, device = self.model_config, self.config, self.model.device
-        backend = cfg.attention_backend
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch_native"
-        if backend == "torch_native":
-            attention = TorchPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                            mc.sliding_window)
-            return ModelRunner(self.model, self.pool, attention)
-        if device.type != "cuda":
-            raise ValueError("--attention-backend triton needs a CUDA device; use torch_native")
-        from services.engine.triton_attention import TritonPagedAttention
-
-        attention = TritonPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                         mc.sliding_window, device)
-        graphs = None
-        if not cfg.disable_cuda_graph:
-            from services.engine.cuda_graphs import DecodeGraphs
-
-            max_bs = min(cfg.cuda_graph_max_bs or cfg.max_running_requests,
-                         cfg.max_running_requests)
-            max_pages = min(-(-self.max_model_len // self.pool.layout.page_size),
-                            self.pool.layout.num_pages)
-            graphs = DecodeGraphs(self.model, self.pool, attention, max_bs, max_pages)
-        return ModelRunner(self.model, self.pool, attention, graphs)
-
-    def _layout(self) -> KVLayout:
-        mc, cfg = self.model.config, self.config
-        layout = KVLayout(cfg.num_pages or 1, mc.num_layers, cfg.page_size, mc.num_kv_heads,
-                          mc.head_dim, self.model.dtype)
-        num_pages = cfg.num_pages
-        if num_pages is None and self.model.device.type == "cuda":
-            num_pages = pages_for_memory(layout.page_bytes, self.model.device,
-                                         cfg.mem_fraction_static)
-        return KVLayout(num_pages or DEFAULT_CPU_PAGES, mc.num_layers, cfg.page_size,
-                        mc.num_kv_heads, mc.head_dim, self.model.dtype)
 
     # --- requests -------------------------------------------------------------------------
 
