@@ -23,7 +23,8 @@ PD hooks (the engine never moves KV itself; kvd does, between the calls):
   first token and returns the first output. Without `landing` the KV is in the pages (or will
   be before any later GPU step: `ready`) and the request decodes from the next step. With
   `landing` (kvd answered early: services/common/ready_flags.py) the request is gated: it stays
-  AWAITING_KV, its pages unread, until the landing polls LANDED.
+  AWAITING_KV, its pages unread, until the landing polls LANDED (landings.py owns the gated
+  requests and parked pages, and maps the pages' phases).
 - `poll_landings()` polls every gated landing (and `step()` does, first): LANDED -> the request
   decodes from that step on; FAILED -> the request is removed, its pages freed. Each failed id
   is reported once: by the `poll_landings()` call that found it, or, when `step()` found it, by
@@ -33,11 +34,6 @@ PD hooks (the engine never moves KV itself; kvd does, between the calls):
   still write them, so they stay held — counted in the pool, no longer a request — until its
   landing is final (LANDED or FAILED); `poll_landings()` frees them then. `awaits_landing()`:
   gated requests or parked pages exist; a driver keeps polling while it is true, work or not.
-  Decode pages of a room, by phase:
-      reserved .. kv_arrived          kvd writes them; the engine does not touch them
-      gated (landing PENDING)         same; the first token is out
-      LANDED .. request ends          the engine's, like any request's pages
-      parked (ended while PENDING)    kvd may still write them; held until the landing is final
 The KV pool may be memory the engine did not allocate (`pool=`): kvd's segment in a worker.
 """
 
@@ -46,67 +42,28 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
-from dataclasses import dataclass
 
 import torch
 
-from services.common.ready_flags import Landing, LandingState
-from services.common.serve_config import ATTENTION_BACKENDS
-from services.engine.attention import TorchPagedAttention
+from services.common.ready_flags import Landing
 from services.engine.config import ModelConfig
+from services.engine.engine_config import EngineConfig, build_runner, kv_layout
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.kv_events import KvComputed, KvEvents
-from services.engine.kv_pool import KVLayout, KVPool, pages_for_memory
+from services.engine.kv_pool import KVPool
+from services.engine.landings import PendingLandings
 from services.engine.model import LlamaModel
 from services.engine.output import Completion, RequestOutput, RequestState
 from services.engine.overlap import OverlappedDecode
-from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler, TokenLogprobs, make_generator, skip_one_draw
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler, SchedulerConfig
+from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence, SequenceStatus
 from services.engine.tokenizer import Tokenizer
 
 
 class EngineInputError(ValueError):
     """A request the engine refuses; the message says why, with the numbers."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    page_size: int = 16
-    num_pages: int | None = None  # KV pool size; None: from mem_fraction_static (GPU) or 2048
-    mem_fraction_static: float | None = None  # GPU: fraction of device memory for weights + KV
-    max_running_requests: int = 64
-    chunked_prefill_size: int = 512
-    enable_prefix_cache: bool = True
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    device: str = "cpu"
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch_native on CPU
-    disable_cuda_graph: bool = False  # CUDA: decode steps run eagerly
-    cuda_graph_max_bs: int | None = None  # largest captured decode batch; None: max running
-    disable_overlap_schedule: bool = False  # CUDA graphs: no host/GPU overlap of decode steps
-
-    def __post_init__(self) -> None:
-        if self.page_size < 1:
-            raise ValueError(f"--page-size must be >= 1, got {self.page_size}")
-        if self.num_pages is not None and self.num_pages < 1:
-            raise ValueError(f"--num-kv-pages must be >= 1, got {self.num_pages}")
-        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
-            raise ValueError(
-                f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"
-            )
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got "
-                             f"{self.attention_backend!r}")
-        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
-            raise ValueError(f"--cuda-graph-max-bs must be >= 1, got {self.cuda_graph_max_bs}")
-
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_running_requests, self.chunked_prefill_size)
-
-
-DEFAULT_CPU_PAGES = 2048
 
 
 class LLMEngine:
@@ -116,7 +73,8 @@ class LLMEngine:
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.config = config
-        self.pool = pool if pool is not None else KVPool.allocate(self._layout(), model.device)
+        self.pool = (pool if pool is not None
+                     else KVPool.allocate(kv_layout(model, config), model.device))
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
@@ -124,7 +82,7 @@ class LLMEngine:
                                  config.enable_prefix_cache)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
         self.use_device()
-        self.runner = self._runner()
+        self.runner = build_runner(model, self.pool, config, self.max_model_len)
         graphs = self.runner.graphs
         self._overlap = (OverlappedDecode(graphs.max_batch, model.device)
                          if graphs is not None and not config.disable_overlap_schedule
@@ -136,9 +94,7 @@ class LLMEngine:
         self._requests: dict[str, RequestState] = {}  # every live request, in any state
         self._keep_kv: set[str] = set()  # PD prefill requests whose pages outlive them
         self._kv_events = KvEvents(model.device)
-        self._gated: dict[str, Landing] = {}  # PD decode: first token out, KV not yet landed
-        self._parked: list[tuple[Sequence, Landing]] = []  # ended; pages wait for the landing
-        self._failed_landings: list[str] = []  # found by step(), for take_failed_landings()
+        self._landings = PendingLandings(self.scheduler)  # PD decode: waits on ready flags
         self.on_kv_computed: Callable[[KvComputed], None] | None = None  # engine thread
         self._arrivals = itertools.count()
 
@@ -148,44 +104,6 @@ class LLMEngine:
         that drives the engine; the constructor does it for its own."""
         if self.model.device.type == "cuda":
             torch.cuda.set_device(self.model.device)
-
-    def _runner(self) -> ModelRunner:
-        """The model runner with the configured attention backend (and decode CUDA graphs)."""
-        mc, cfg, device = self.model_config, self.config, self.model.device
-        backend = cfg.attention_backend
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch_native"
-        if backend == "torch_native":
-            attention = TorchPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                            mc.sliding_window)
-            return ModelRunner(self.model, self.pool, attention)
-        if device.type != "cuda":
-            raise ValueError("--attention-backend triton needs a CUDA device; use torch_native")
-        from services.engine.triton_attention import TritonPagedAttention
-
-        attention = TritonPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                         mc.sliding_window, device)
-        graphs = None
-        if not cfg.disable_cuda_graph:
-            from services.engine.cuda_graphs import DecodeGraphs
-
-            max_bs = min(cfg.cuda_graph_max_bs or cfg.max_running_requests,
-                         cfg.max_running_requests)
-            max_pages = min(-(-self.max_model_len // self.pool.layout.page_size),
-                            self.pool.layout.num_pages)
-            graphs = DecodeGraphs(self.model, self.pool, attention, max_bs, max_pages)
-        return ModelRunner(self.model, self.pool, attention, graphs)
-
-    def _layout(self) -> KVLayout:
-        mc, cfg = self.model.config, self.config
-        layout = KVLayout(cfg.num_pages or 1, mc.num_layers, cfg.page_size, mc.num_kv_heads,
-                          mc.head_dim, self.model.dtype)
-        num_pages = cfg.num_pages
-        if num_pages is None and self.model.device.type == "cuda":
-            num_pages = pages_for_memory(layout.page_bytes, self.model.device,
-                                         cfg.mem_fraction_static)
-        return KVLayout(num_pages or DEFAULT_CPU_PAGES, mc.num_layers, cfg.page_size,
-                        mc.num_kv_heads, mc.head_dim, self.model.dtype)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -227,52 +145,27 @@ class LLMEngine:
         output = state.append_token(first_token_id, logprobs)
         if output.finished:
             del self._requests[request_id]
-            self._release_after(state.seq, landing)
-        elif landing is None or landing.poll() is LandingState.LANDED:
-            self.scheduler.kv_landed(state.seq)
+            self._landings.release_or_park(state.seq, landing)
         else:
-            self._gated[request_id] = landing
+            self._landings.decode_when_landed(state.seq, landing)
         return output
 
     def poll_landings(self) -> list[str]:
         """Poll the gated requests' landings (LANDED: queued to decode; FAILED: removed, pages
         freed) and free parked pages whose landing is final. Returns the ids of the requests
         failed by this call."""
-        failed = []
-        for request_id, landing in list(self._gated.items()):
-            landed = landing.poll()
-            if landed is LandingState.PENDING:
-                continue
-            del self._gated[request_id]
-            seq = self._requests[request_id].seq
-            if landed is LandingState.LANDED:
-                self.scheduler.kv_landed(seq)
-            else:
-                del self._requests[request_id]
-                self.scheduler.release_held(seq)
-                failed.append(request_id)
-        if self._parked:
-            parked, self._parked = self._parked, []
-            for seq, landing in parked:
-                self._release_after(seq, landing)
+        failed = self._landings.poll()
+        for request_id in failed:
+            del self._requests[request_id]
         return failed
 
     def take_failed_landings(self) -> list[str]:
         """The ids of requests that `step()`'s own polls failed since the last call."""
-        failed, self._failed_landings = self._failed_landings, []
-        return failed
+        return self._landings.take_failed()
 
     def awaits_landing(self) -> bool:
         """Whether a gated request or parked pages wait for a landing (poll while true)."""
-        return bool(self._gated or self._parked)
-
-    def _release_after(self, seq: Sequence, landing: Landing | None) -> None:
-        """Free an AWAITING_KV sequence's pages now if nothing can write them any more, else
-        park them until `landing` is final."""
-        if landing is None or landing.poll() is not LandingState.PENDING:
-            self.scheduler.release_held(seq)
-        else:
-            self._parked.append((seq, landing))
+        return self._landings.is_waiting
 
     def release_kv(self, request_id: str) -> bool:
         """Prefill side of PD: the KV of a finished keep_kv request has been sent (or given
@@ -309,10 +202,7 @@ class LLMEngine:
             return None
         self._keep_kv.discard(request_id)
         self._kv_events.release(request_id)
-        landing = self._gated.pop(request_id, None)
-        if landing is not None:
-            self._release_after(state.seq, landing)
-        else:
+        if not self._landings.abort(request_id):
             self.scheduler.finish(state.seq, "abort")
         return state.final_output("abort")
 
@@ -357,7 +247,7 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        self._failed_landings += self.poll_landings()  # first: a landed request joins this step
+        self._landings.keep_failed(self.poll_landings())  # first: a landed request joins this step
         outputs, self._pending = self._pending, []
         if self._overlap is not None and self._overlap.eligible(self):
             return outputs + self._overlap.step(self)

@@ -3,7 +3,8 @@
 Contract:
 - The engine is single-threaded. Every call into it runs on the loop thread, as a command taken
   from one FIFO queue; asyncio callers `await` the result. Results and outputs cross back only
-  through `loop.call_soon_threadsafe`, so asyncio objects are touched on their own event loop.
+  through `loop.call_soon_threadsafe`, so asyncio objects are touched on their own event loop
+  (loop_bridge.py: the command queue, per-request streams).
 - The thread drains the queue, then steps the engine while `has_work()`; idle, it blocks on the
   queue (with a timeout) and never spins — unless the engine `awaits_landing()` (engine.py: a
   request gated on kvd's ready flag, or parked pages): then it blocks at most LANDING_POLL_S
@@ -36,13 +37,13 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from services.common.ready_flags import Landing
 from services.common.timer_slack import use_fine_timer_slack
 from services.engine.engine import LLMEngine
 from services.engine.kv_events import KvComputed
+from services.engine.loop_bridge import Command, CommandQueue, Stream, put_all
 from services.engine.output import RequestOutput
 from services.engine.sampler import TokenLogprobs
 from services.engine.sampling_params import SamplingParams
@@ -78,42 +79,13 @@ class EngineLoad(NamedTuple):
     num_pages: int  # pool size
 
 
-class _Stream:
-    """One request's outputs, from the loop thread to its consumer's event loop."""
-
-    __slots__ = ("loop", "queue", "is_done", "on_kv_computed")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_kv_computed: Callable[[KvComputed], None] | None = None) -> None:
-        self.loop = loop
-        self.on_kv_computed = on_kv_computed
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.is_done = False  # consumer side: the finishing output or an error was taken
-
-    async def next(self) -> RequestOutput:
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            self.is_done = True
-            raise item
-        self.is_done = item.finished
-        return item
-
-
-@dataclass(slots=True)
-class _Command:
-    fn: Callable[[LLMEngine], Any]
-    future: asyncio.Future[Any] | None = None  # None: nobody waits (fire and forget)
-
-
 class EngineLoop:
     def __init__(self, engine: LLMEngine, name: str = "engine-loop") -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue[_Command | None] = queue.SimpleQueue()  # None: stop
-        self._lock = threading.Lock()  # no command enters the queue after the stop marker
-        self._is_closed = False
-        self._streams: dict[str, _Stream] = {}  # loop thread only: requests with a consumer
-        self._held: dict[str, _Stream] = {}  # loop thread only: finished keep_kv requests
-        self._unclaimed: dict[str, _Stream] = {}  # event loop only: remote, not yet streamed
+        self._commands = CommandQueue()
+        self._streams: dict[str, Stream] = {}  # loop thread only: requests with a consumer
+        self._held: dict[str, Stream] = {}  # loop thread only: finished keep_kv requests
+        self._unclaimed: dict[str, Stream] = {}  # event loop only: remote, not yet streamed
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         engine.on_kv_computed = self._on_kv_computed
 
@@ -125,10 +97,7 @@ class EngineLoop:
     def stop(self, timeout: float = 10.0) -> None:
         """Abort every request left, stop the thread and wait for it (blocking; from asyncio
         call it through `asyncio.to_thread`)."""
-        with self._lock:
-            if not self._is_closed:
-                self._is_closed = True
-                self._commands.put(None)
+        self._commands.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -136,7 +105,7 @@ class EngineLoop:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._is_closed
+        return self._thread.is_alive() and not self._commands.is_closed
 
     # --- asyncio API -----------------------------------------------------------------------
 
@@ -147,7 +116,7 @@ class EngineLoop:
         """Deltas until the finishing one. Input errors (`EngineInputError`) raise from the
         first `__anext__`; closing early aborts the request. `on_kv_computed`: see the
         module doc (keep_kv only)."""
-        stream = _Stream(asyncio.get_running_loop(), on_kv_computed)
+        stream = Stream(asyncio.get_running_loop(), on_kv_computed)
         try:
             await self._call(functools.partial(self._on_add, request_id, list(prompt_token_ids),
                                                params, keep_kv, stream))
@@ -161,7 +130,7 @@ class EngineLoop:
                                  params: SamplingParams) -> list[int] | None:
         """Decode side of PD: page ids reserved for the prompt's KV (token order), or None when
         the pool cannot hold it now. Then `kv_arrived` + `remote_stream`, or `abort`."""
-        stream = _Stream(asyncio.get_running_loop())
+        stream = Stream(asyncio.get_running_loop())
         try:
             page_ids = await self._call(functools.partial(
                 self._on_add_remote, request_id, list(prompt_token_ids), params, stream))
@@ -219,17 +188,13 @@ class EngineLoop:
 
     async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        with self._lock:
-            if self._is_closed:
-                raise EngineStopped("the engine loop is stopped")
-            self._commands.put(_Command(fn, future))
+        if not self._commands.put(Command(fn, future)):
+            raise EngineStopped("the engine loop is stopped")
         return await future
 
     def _post(self, fn: Callable[[LLMEngine], Any]) -> None:
         """Queue a command nobody waits for; dropped once stopped (stop aborts everything)."""
-        with self._lock:
-            if not self._is_closed:
-                self._commands.put(_Command(fn))
+        self._commands.put(Command(fn))
 
     # --- the loop thread -------------------------------------------------------------------
 
@@ -254,8 +219,7 @@ class EngineLoop:
         wait_s = LANDING_POLL_S if self.engine.awaits_landing() else IDLE_WAIT_S
         while True:
             try:
-                command = (self._commands.get(timeout=wait_s) if block
-                           else self._commands.get_nowait())
+                command = self._commands.get(wait_s if block else 0)
             except queue.Empty:
                 return True
             if command is None:
@@ -263,17 +227,15 @@ class EngineLoop:
             self._execute(command)
             block = False
 
-    def _execute(self, command: _Command) -> None:
+    def _execute(self, command: Command) -> None:
         try:
             result = command.fn(self.engine)
         except Exception as e:
             if command.future is None:
                 logger.exception("engine command failed")
-            else:
-                _call_soon(command.future.get_loop(), _settle, command.future, None, e)
+            command.answer(error=e)
             return
-        if command.future is not None:
-            _call_soon(command.future.get_loop(), _settle, command.future, result, None)
+        command.answer(result)
 
     def _step(self) -> None:
         try:
@@ -289,7 +251,7 @@ class EngineLoop:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Outputs to their streams: one thread-safe call per event loop, not per output."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        items = []
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:  # added to the engine directly, not through this loop
@@ -298,15 +260,14 @@ class EngineLoop:
                 del self._streams[output.request_id]
                 if output.kv_page_ids is not None:
                     self._held[output.request_id] = stream
-            batches.setdefault(stream.loop, []).append((stream, output))
-        for loop, items in batches.items():
-            _call_soon(loop, _put_all, items)
+            items.append((stream, output))
+        put_all(items)
 
     def _on_kv_computed(self, notice: KvComputed) -> None:
         """The engine's hook (mid-step): on to the request's consumer, ahead of its outputs."""
         stream = self._streams.get(notice.request_id)
-        if stream is not None and stream.on_kv_computed is not None:
-            _call_soon(stream.loop, stream.on_kv_computed, notice)
+        if stream is not None:
+            stream.kv_computed(notice)
 
     def _fail_landings(self, request_ids: list[str]) -> None:
         """Requests the engine removed because their KV never landed: tell their consumers."""
@@ -316,7 +277,7 @@ class EngineLoop:
                 error = KvLandingFailed(
                     f"request {request_id!r}: the KV transfer failed after the first token was "
                     f"sent (the node's kvd log says why)")
-                _call_soon(stream.loop, _put_all, [(stream, error)])
+                stream.put(error)
 
     def _fail_all(self, make_error: Callable[[], BaseException]) -> None:
         streams, self._streams = self._streams, {}
@@ -325,30 +286,22 @@ class EngineLoop:
                 self.engine.abort(request_id)
             except Exception:
                 logger.exception("abort of %s failed", request_id)
-            _call_soon(stream.loop, _put_all, [(stream, make_error())])
+            stream.put(make_error())
 
     def _shut_down(self) -> None:
-        with self._lock:
-            self._is_closed = True
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if command is not None and command.future is not None:
-                _call_soon(command.future.get_loop(), _settle, command.future, None,
-                           EngineStopped("the engine loop stopped"))
+        for command in self._commands.close_and_drain():
+            command.answer(error=EngineStopped("the engine loop stopped"))
         self._fail_all(lambda: EngineStopped("the engine loop stopped"))
 
     # --- commands (run on the loop thread) -------------------------------------------------
 
     def _on_add(self, request_id: str, prompt: list[int], params: SamplingParams, keep_kv: bool,
-                stream: _Stream, engine: LLMEngine) -> None:
+                stream: Stream, engine: LLMEngine) -> None:
         engine.add_request(request_id, prompt, params, keep_kv=keep_kv)
         self._streams[request_id] = stream
 
     def _on_add_remote(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       stream: _Stream, engine: LLMEngine) -> list[int] | None:
+                       stream: Stream, engine: LLMEngine) -> list[int] | None:
         page_ids = engine.add_remote_prefill(request_id, prompt, params)
         if page_ids is not None:
             self._streams[request_id] = stream
@@ -362,7 +315,7 @@ class EngineLoop:
         self._dispatch([output])
         return output
 
-    def _on_abort(self, request_id: str, owner: _Stream | None, engine: LLMEngine) -> bool:
+    def _on_abort(self, request_id: str, owner: Stream | None, engine: LLMEngine) -> bool:
         """Abort `request_id`; with `owner`, only while that stream still owns it (a finished
         request's id may already belong to a new one)."""
         stream = self._streams.get(request_id)
@@ -377,7 +330,7 @@ class EngineLoop:
         if stream is not None:
             del self._streams[request_id]
             if output is not None:
-                _call_soon(stream.loop, _put_all, [(stream, output)])
+                stream.put(output)
         return output is not None
 
     def _on_release_kv(self, request_id: str, engine: LLMEngine) -> bool:
@@ -388,23 +341,3 @@ class EngineLoop:
         return EngineLoad(len(engine.scheduler.running), len(engine.scheduler.waiting),
                           engine.kv.num_free_pages, engine.kv.num_pages)
 
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled meanwhile
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-def _put_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
-    for stream, item in items:
-        stream.queue.put_nowait(item)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # that event loop is closed: nobody is left to tell
-        pass

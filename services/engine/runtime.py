@@ -30,7 +30,8 @@ from services.common.proto.tandem.v1 import kvd_pb2
 from services.common.ready_flags import Landing, ReadyFlags
 from services.common.serve_config import ServeConfig
 from services.common.vram import IpcMapping
-from services.engine.engine import DEFAULT_CPU_PAGES, EngineConfig, LLMEngine
+from services.engine.engine import LLMEngine
+from services.engine.engine_config import DEFAULT_CPU_PAGES, EngineConfig
 from services.engine.kv_pool import KVPool, pages_for_memory
 from services.engine.loader import LoadedModel, load_model, resolve_dtype
 from services.engine.pd_pool import dtype_name, kvd_pool, layout_for, model_fingerprint
