@@ -23,7 +23,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -35,57 +34,10 @@ from services.kvd.metrics import failure_reason
 from services.kvd.notifications import NotificationListener, notifies
 from services.kvd.peers import Peer
 from services.kvd.pools import PageError, Pool
+from services.kvd.recv_room import RecvRoom
 from services.kvd.rooms import RoomError, RoomFlow, agent_of
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _RecvRoom:
-    pool: Pool
-    page_ids: list[int]
-    peer: Peer
-    done: asyncio.Future[tuple[kvd_pb2.RoomAux, int, bytes]]  # TransferDone (aux, bytes,
-    # ready event or b""), or the peer's death
-    accepts_ready_event: bool = False  # the worker waits on a ready event before reading
-    accepts_ready_flag: bool = False  # the worker polls a ready flag before reading
-    in_flight: kvd_pb2.TransferDoneRequest | None = None  # aux known, the write not landed yet
-    flag: kvd_pb2.ReadyFlag | None = None  # answered early: the flag that tells the worker the end
-    landing: asyncio.Future[None] | None = None  # a queued copy into the pages, until done
-    released: asyncio.Event = field(default_factory=asyncio.Event)  # the worker gave up
-    drained: asyncio.Event = field(default_factory=asyncio.Event)  # no write can land any more
-    is_bootstrapped: bool = False  # `peer` took the bootstrap: its heartbeats now count
-    listens: bool = False  # counted by the notification listener until it closes
-    wakeup: asyncio.Future[None] | None = None  # what the waiting ExpectKv awaits
-
-    def __post_init__(self) -> None:
-        self.done.add_done_callback(lambda _: self.wake())  # the safety net of `wake`
-
-    def wake(self) -> None:
-        """Let the room's waiter (`until_changed`) look at it again (`done`, `released` or
-        `in_flight` changed). Called directly where they change, so that the waiter runs on the
-        loop's next turn; a done-callback on `done` is only the safety net."""
-        if self.wakeup is not None and not self.wakeup.done():
-            self.wakeup.set_result(None)
-
-    async def until_changed(self, timeout: float, early: bool = False) -> None:
-        """Until the room is done or released — or, with `early`, has an in-flight report —
-        at most `timeout` seconds."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not self.done.done() and not self.released.is_set():
-                    if early and self.in_flight is not None:
-                        return
-                    self.wakeup = asyncio.get_running_loop().create_future()
-                    await self.wakeup
-        except TimeoutError:
-            pass
-
-    @property
-    def landed(self) -> bool:
-        """The prefill side reported the KV in the pages."""
-        return (self.done.done() and not self.done.cancelled()
-                and self.done.exception() is None)
 
 
 class Receiver(RoomFlow):
@@ -94,7 +46,7 @@ class Receiver(RoomFlow):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._recv: dict[str, _RecvRoom] = {}
+        self._recv: dict[str, RecvRoom] = {}
         self._background: set[asyncio.Task[None]] = set()  # drains and flag settlements
         # rooms answered with a ready flag -> (who reports their landing: the prefill kvd's
         # NIXL agent, or None for this kvd's own copy; what sets the flag)
@@ -116,7 +68,7 @@ class Receiver(RoomFlow):
     def num_rooms(self) -> int:
         return len(self._recv)
 
-    def room(self, name: str) -> _RecvRoom | None:
+    def room(self, name: str) -> RecvRoom | None:
         """An expected room (the send side's same-node path looks at its worker's wishes)."""
         return self._recv.get(name)
 
@@ -144,11 +96,11 @@ class Receiver(RoomFlow):
                 raise
             await asyncio.wait(landing)
             self.pools.pin(pool, req.room, page_ids, write=True)
-        room: _RecvRoom | None = None
+        room: RecvRoom | None = None
         may_be_written = False  # once bootstrapped, the prefill side may write at any time
         try:
             peer = await self._peer(req.peer_address)
-            room = _RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future(),
+            room = RecvRoom(pool, page_ids, peer, asyncio.get_running_loop().create_future(),
                              accepts_ready_event=req.accept_ready_event,
                              accepts_ready_flag=req.accept_ready_flag)
             self._recv[req.room] = room
@@ -200,7 +152,7 @@ class Receiver(RoomFlow):
         except RuntimeError as e:
             raise RoomError("UNAVAILABLE", str(e)) from None
 
-    async def _bootstrap(self, address: str, room: _RecvRoom,
+    async def _bootstrap(self, address: str, room: RecvRoom,
                          boot: kvd_pb2.BootstrapRequest) -> None:
         """Send the room's Bootstrap. A prefill kvd restarted since our handshake does not
         know us (FAILED_PRECONDITION): handshake afresh and send it once more. The room is
@@ -217,7 +169,7 @@ class Receiver(RoomFlow):
         if current.kvd_id != room.peer.kvd_id:
             room.peer = current
 
-    async def _wait_for_kv(self, req: kvd_pb2.ExpectKvRequest, room: _RecvRoom
+    async def _wait_for_kv(self, req: kvd_pb2.ExpectKvRequest, room: RecvRoom
                            ) -> kvd_pb2.TransferDoneRequest | None:
         """Until the room is done (None: `room.done` has the result), or — for a worker that
         accepts a ready flag — its aux data is known while the write is in flight (returned)."""
@@ -233,7 +185,7 @@ class Receiver(RoomFlow):
         raise RoomError("DEADLINE_EXCEEDED", f"room {req.room!r}: no KV from the prefill side "
                         f"within {timeout:g}s", "timeout")
 
-    def _answer_early(self, name: str, room: _RecvRoom, early: kvd_pb2.TransferDoneRequest
+    def _answer_early(self, name: str, room: RecvRoom, early: kvd_pb2.TransferDoneRequest
                       ) -> kvd_pb2.ExpectKvResponse:
         """The worker's answer while the KV is in flight: the aux data and the room's ready
         flag, which the landing notification's thread sets (or `_settle_flag`)."""
@@ -249,7 +201,7 @@ class Receiver(RoomFlow):
         return kvd_pb2.ExpectKvResponse(aux=early.aux, kv_bytes=early.kv_bytes,
                                         ready_flag=room.flag)
 
-    async def _settle_flag(self, name: str, room: _RecvRoom) -> None:
+    async def _settle_flag(self, name: str, room: RecvRoom) -> None:
         """A room answered with a ready flag, to its end: the flag reads LANDED once the
         prefill side reports the landing, or FAILED once no write into the pages can land any
         more (an error, the peer's death, the waiting timeout, or the worker's ReleaseRoom,
@@ -281,7 +233,7 @@ class Receiver(RoomFlow):
                 logger.warning("room %s failed after its worker was answered early (%s); its "
                                "ready flag says so", name, reason)
 
-    async def _drain(self, name: str, room: _RecvRoom) -> None:
+    async def _drain(self, name: str, room: RecvRoom) -> None:
         """Until no write into the room's pages can land: the prefill kvd confirms it cancelled
         the room, reports the transfer, dies, or a waiting timeout passes."""
         cancel = asyncio.ensure_future(room.peer.stub.CancelRoom(
@@ -304,7 +256,7 @@ class Receiver(RoomFlow):
             else:
                 self._close_recv(name, room.pool, room)
 
-    def _close_recv(self, name: str, pool: Pool, room: _RecvRoom | None) -> None:
+    def _close_recv(self, name: str, pool: Pool, room: RecvRoom | None) -> None:
         if room is not None and self._recv.get(name) is room:
             del self._recv[name]
             if room.listens and self.listener is not None:
@@ -346,7 +298,7 @@ class Receiver(RoomFlow):
             self.metrics.transfer_done.labels(via).inc()
         room.wake()
 
-    def _copied(self, room: _RecvRoom, req: kvd_pb2.TransferDoneRequest, via: str,
+    def _copied(self, room: RecvRoom, req: kvd_pb2.TransferDoneRequest, via: str,
                 landing: asyncio.Future[float]) -> None:
         """A same-node copy into a ready-flag room ended (its `landing`, on the loop)."""
         if room.done.done():

@@ -1,16 +1,15 @@
 """The prefill side of kvd's rooms: a local worker's SendKv / SendKvAhead, until the decode
-side has its KV.
+side has its KV. This is the room flow; how the bytes move and how the decode side hears of
+them, path by path (same-node copies answered with a ready event, NIXL notifications, the
+TransferDone RPC), is delivery.py's contract.
 
 Contract (on kvd's asyncio loop; blocking writes run on the transfer threads):
 - `send_kv`: pins the source pages, waits at most the bootstrap timeout for the room's
   Bootstrap, checks the layouts agree and the page counts match, writes the KV as one
-  descriptor per run of pages adjacent on both sides, then sends TransferDone with the aux data
-  (carried through even if the send is cancelled meanwhile). Through a backend with
-  notifications (NIXL) a successful room's TransferDone is a notification sent by the thread
-  that saw the write land (notifications.py), preceded, while the write is in flight and the
-  aux data known, by the same report marked `in_flight`; errors, and other backends, use the
-  RPC. A send that ends before its Bootstrap came makes kvd refuse that Bootstrap later: the
-  decode side fails at once.
+  descriptor per run of pages adjacent on both sides, then tells the decode side with the aux
+  data (carried through even if the send is cancelled meanwhile) — an error too, so that it
+  fails at once. A send that ends before its Bootstrap came makes kvd refuse that Bootstrap
+  later: the decode side fails at once.
 - `on_handshake` / `on_bootstrap` / `on_cancel_room`: the decode kvds' side of it. A peer may
   only fill a room it was told about by the kvd it handshook with, and only the pages bound to
   that room; a cancelled room is refused from then on, and the cancel returns once a write in
@@ -18,46 +17,31 @@ Contract (on kvd's asyncio loop; blocking writes run on the transfer threads):
 - Sent ahead (`send_kv(req, aux=future)`, SendKvAhead): the aux data (first token) comes
   later; the transfer starts at once and the decode side is told only once the aux is there
   too (at most a waiting timeout; a send whose aux never comes fails the room on both sides).
-  A `source_ready_event` (VRAM pools only) orders the reads after the prefill's forward pass:
-  kvd waits for it on a thread of its own (source_events.py) before it reads anything, and
-  gives up when the send is cancelled or the waiting timeout passes. A NIXL write is prepared
-  beforehand and posted by that thread the moment the event completes.
-- Same node, GPU to GPU, when the decode worker set `accept_ready_event`: the copies are queued
-  (on the loop thread, bypassing the transfer queues), the decode side is answered at once
-  (once the aux is known) with the CUDA IPC event that completes after them, and SendKv
-  answers the prefill side once they have completed. (If a queued copy then fails, which takes
-  a GPU fault, the decode side has already been told; kvd logs it and SendKv fails.)
+  A `source_ready_event` (VRAM pools only) orders the reads after the prefill's forward pass.
+- Same node, GPU to GPU, when the decode worker set `accept_ready_event`: the decode side is
+  answered once the copies are queued, SendKv once they have completed.
 Whatever happens (success, error, timeout, cancellation), the send unpins its pages on the way
-out.
+out, once nothing it issued still reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
-
-import grpc
+from typing import Any, cast
 
 from services.common import cudart
 from services.common.proto.tandem.v1 import kvd_pb2
 from services.kvd.backends.base import TransferError
-from services.kvd.backends.local_backend import LocalBackend, PreparedCopy, QueuedCopy
-from services.kvd.backends.nixl_backend import PostedWrite, PreparedWrite
+from services.kvd.backends.local_backend import QueuedCopy
+from services.kvd.delivery import Delivery, land, write
 from services.kvd.metrics import failure_reason
-from services.kvd.notifications import Notice, notifies
-from services.kvd.peers import Peer
 from services.kvd.pools import Pool, PoolLayout, check_page_ids, coalesce
 from services.kvd.receiving import Receiver
 from services.kvd.rooms import RoomError, RoomFlow, backend_error
-from services.kvd.source_events import Claim, SourceEvents, SourceNotReady
-from services.kvd.transfer import TransferJob, TransferQueues, timed_write, until_done
-
-logger = logging.getLogger(__name__)
+from services.kvd.source_events import SourceEvents
+from services.kvd.transfer import TransferJob, TransferQueues, until_done
 
 
 @dataclass(slots=True)
@@ -72,9 +56,10 @@ class Sender(RoomFlow):
 
     def __init__(self, *args: Any, receiver: Receiver, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.receiver = receiver  # this kvd's decode side: same-node rooms are told in process
         self.queues = TransferQueues(self.settings.thread_pool_size, self.settings.queue_size)
         self.source_events = SourceEvents()  # prefill workers' events, opened here
+        # the bytes and the decode side's report; same-node rooms are told in process
+        self.delivery = Delivery(self.backend, receiver, self.source_events, self.settings)
         self._bootstraps: dict[str, asyncio.Future[kvd_pb2.BootstrapRequest]] = {}
         self._known: dict[str, _KnownPeer] = {}  # kvd id -> how to write to it
         self._cancelled: set[str] = set()  # rooms the decode side gave up: sends refuse them
@@ -233,37 +218,12 @@ class Sender(RoomFlow):
                             f"{cudart.IPC_HANDLE_BYTES}")
         return pool.memory.device
 
-    async def _await_source(self, req: kvd_pb2.SendKvRequest, device: int,
-                            copy: PreparedCopy | PreparedWrite | None
-                            ) -> QueuedCopy | PostedWrite | None:
-        """Until the prefill's forward pass has finished the pages (see source_events.py).
-        `copy` is issued by the thread that saw them ready, at once (no hop back to this loop
-        before the bytes move), and what it issued returned. When this raises, nothing reads
-        the pages any more."""
-        timeout = self.settings.waiting_timeout
-        claim = Claim()
-        try:
-            return await asyncio.wrap_future(self.source_events.wait(
-                req.source_ready_event, device, claim, time.monotonic() + timeout,
-                copy.issue if copy is not None else None))
-        except BaseException as e:
-            ran, queued = claim.abandon()  # stops the polling, unless the copy went out first
-            if copy is not None and not ran:
-                copy.discard()
-            if queued is not None:  # issued just before a cancellation: it reads the pages
-                landing = asyncio.get_running_loop().run_in_executor(None, queued.wait)
-                await asyncio.wait({landing})
-                landing.cancelled() or landing.exception()  # retrieved: the room failed anyway
-            failure = _source_failure(req.room, e, timeout)
-            if failure is e:
-                raise
-            raise failure from None
-
     async def _push(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
                     boot: kvd_pb2.BootstrapRequest, source: int | None,
                     aux: asyncio.Future[kvd_pb2.RoomAux] | None) -> kvd_pb2.SendKvResponse:
         """Write the room's KV and report to the decode side — an error too, so that it
         fails (and frees its pages) at once instead of waiting out its timeout."""
+        steps = self.delivery
         known = self._known[boot.kvd_id]
         peer = await self.peers.get(known.address)
         is_local = boot.kvd_id == self.kvd_id
@@ -273,56 +233,51 @@ class Sender(RoomFlow):
         try:
             job, num_runs = self._job(req, pool, page_ids, boot, known)
             done.kv_bytes = job.num_bytes
-            notice = self._notice(known, is_local, done, aux)
-            copy = self._prepare_copy(req.room, job, ahead=source is not None)
+            notice = steps.notice(known.handle, is_local, done, aux)
+            copy = steps.prepare(req.room, job, ahead=source is not None)
             if source is not None:
-                issued = await self._await_source(req, source, copy)
+                issued = await steps.await_source(req, source, copy)
             else:
-                issued = self._issue(req.room, copy) if copy is not None else None
-            loop = asyncio.get_running_loop()
+                issued = steps.issue(req.room, copy) if copy is not None else None
             if issued is not None and issued.ready_event:
-                recv = self.receiver.room(req.room)  # kept until this send ends (_drain waits)
-                # a worker polling a ready flag has it set the moment the copy is done
-                on_copied = (partial(self.receiver.landed_now, req.room)
-                             if recv is not None and recv.accepts_ready_flag else None)
-                landing = loop.run_in_executor(None, issued.wait, on_copied)
-                if recv is not None:
-                    recv.landing = landing
-                await self._answer_queued(req.room, done, issued, aux)
+                queued = cast(QueuedCopy, issued)  # a same-node copy: only it has an event
+                landing = steps.watch_copy(req.room, queued)
+                await steps.answer_queued(req.room, done, queued, aux)
                 told = True
-                seconds = await self._landed(req.room, landing)
+                seconds = await steps.landed(req.room, landing)
                 shard = self.queues.shard_of(self.kvd_id)
             else:
                 if issued is not None:  # posted by the thread that saw the pages ready
-                    landing = loop.run_in_executor(None, _land, issued.wait, notice, True)
+                    landing = asyncio.get_running_loop().run_in_executor(
+                        None, land, issued.wait, notice, True)
                     future, shard = landing, self.queues.shard_of(boot.kvd_id)
                 else:
                     future, shard = self.queues.call(
-                        boot.kvd_id, partial(_land, partial(_write, job, notice), notice))
+                        boot.kvd_id, partial(land, partial(write, job, notice), notice))
                 try:
                     seconds, told = await until_done(future)
                 except TransferError as e:
                     raise backend_error(req.room, e) from None
                 if aux is not None and not told:
-                    done.aux.CopyFrom(await self._await_aux(req.room, aux))
+                    done.aux.CopyFrom(await steps.await_aux(req.room, aux))
         except RoomError as e:
             self.metrics.transfer_failures.labels(e.reason).inc()
             if not told:
                 done.error = str(e)
-                await self._tell(peer, done, is_local)
+                await steps.tell(peer, done, is_local)
             raise
         except asyncio.CancelledError:
             self.metrics.transfer_failures.labels("cancelled").inc()
             if not told:
                 done.error = f"room {req.room!r}: the prefill side gave up"
-                asyncio.get_running_loop().create_task(self._notify(peer, done, is_local))
+                asyncio.get_running_loop().create_task(steps.notify(peer, done, is_local))
             raise
         finally:
             if landing is not None and not landing.done():
                 await asyncio.wait({landing})  # the source pages are read until it is done
         if not told:
             try:
-                await self._tell(peer, done, is_local, raise_errors=True)
+                await steps.tell(peer, done, is_local, raise_errors=True)
             except RoomError as e:
                 self.metrics.transfer_failures.labels(e.reason).inc()
                 raise
@@ -332,113 +287,6 @@ class Sender(RoomFlow):
             kv_bytes=job.num_bytes, num_descriptors=num_runs, transfer_seconds=seconds,
             backend=job.backend.name, queue_shard=shard,
         )
-
-    async def _await_aux(self, room: str, aux: asyncio.Future[kvd_pb2.RoomAux]
-                         ) -> kvd_pb2.RoomAux:
-        timeout = self.settings.waiting_timeout
-        try:
-            return await asyncio.wait_for(asyncio.shield(aux), timeout)
-        except TimeoutError:
-            raise RoomError("DEADLINE_EXCEEDED", f"room {room!r}: the prefill worker sent no "
-                            f"first token within {timeout:g}s of its KV", "timeout") from None
-
-    def _prepare_copy(self, room: str, job: TransferJob, ahead: bool
-                      ) -> PreparedCopy | PreparedWrite | None:
-        """The room's transfer planned, for the thread that sees its pages ready (`ahead`)
-        or this loop to issue: the same-node GPU copies of a room whose decode worker accepts
-        a ready event, or (`ahead`) a backend's write that can be prepared (NIXL). None when
-        neither applies: the transfer queues write it."""
-        try:
-            if isinstance(job.backend, LocalBackend):
-                recv = self.receiver.room(room)
-                if recv is None or not recv.accepts_ready_event:
-                    return None
-                return job.backend.prepare_async(job.peer, job.src, job.dst_addrs)
-            prepare = getattr(job.backend, "prepare_write", None)
-            if not ahead or prepare is None:
-                return None
-            return prepare(job.peer, job.src, job.dst_addrs)
-        except TransferError as e:
-            raise backend_error(room, e) from None
-
-    def _notice(self, known: _KnownPeer, is_local: bool, done: kvd_pb2.TransferDoneRequest,
-                aux: asyncio.Future[kvd_pb2.RoomAux] | None) -> Notice | None:
-        """The room's TransferDone as a notification the transfer thread sends (NIXL peers),
-        its message set once the aux data is known; None where the RPC tells."""
-        if is_local or not notifies(self.backend):
-            return None
-        notice = Notice(self.backend, known.handle, done.room)
-
-        def fill(aux_data: kvd_pb2.RoomAux | None) -> None:
-            message = kvd_pb2.TransferDoneRequest()
-            message.CopyFrom(done)
-            if aux_data is not None:
-                message.aux.CopyFrom(aux_data)
-            notice.set_aux(message)
-
-        if aux is None:
-            fill(None)
-        else:
-            aux.add_done_callback(
-                lambda f: None if f.cancelled() or f.exception() else fill(f.result()))
-        return notice
-
-    @staticmethod
-    def _issue(room: str, copy: PreparedCopy | PreparedWrite) -> QueuedCopy | PostedWrite:
-        try:
-            return copy.issue()
-        except TransferError as e:
-            raise backend_error(room, e) from None
-
-    async def _answer_queued(self, room: str, done: kvd_pb2.TransferDoneRequest,
-                             queued: QueuedCopy, aux: asyncio.Future[kvd_pb2.RoomAux] | None
-                             ) -> None:
-        """Answer the decode side with the ready event of the queued copy, as soon as the aux
-        data is known (the prefill side is answered once the copy is done)."""
-        if aux is not None:
-            done.aux.CopyFrom(await self._await_aux(room, aux))
-        try:
-            self.receiver.on_transfer_done(done, ready_event=queued.ready_event, via="in_process")
-        except RoomError as e:  # the decode side gave up while the aux was awaited
-            raise RoomError("ABORTED", f"room {room!r}: the decode side did not take its KV: "
-                            f"{e}", "notify_failed") from None
-        await asyncio.sleep(0)  # let the woken ExpectKv answer first
-
-    async def _landed(self, room: str, landing: asyncio.Future[float]) -> float:
-        """The queued copy's GPU seconds, once it is done (the decode side has been told)."""
-        try:
-            return await until_done(landing)
-        except TransferError as e:
-            logger.error("room %s: a queued GPU copy failed after the decode side was told it "
-                         "would complete: %s", room, e)
-            raise backend_error(room, e) from None
-
-    async def _tell(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
-                    raise_errors: bool = False) -> None:
-        """`_notify`, carried through even if this send is cancelled meanwhile (a prefill
-        worker that goes away mid-notice): the decode side must hear of its room either way."""
-        notice = asyncio.ensure_future(self._notify(peer, done, is_local, raise_errors))
-        notice.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
-        await asyncio.shield(notice)
-
-    async def _notify(self, peer: Peer, done: kvd_pb2.TransferDoneRequest, is_local: bool,
-                      raise_errors: bool = False) -> None:
-        """TransferDone to the decode side: in-process when it is this kvd (`is_local`, the
-        same-node path: saves a loopback RPC on the critical path), else over gRPC."""
-        if not is_local:
-            await _notify(peer, done, raise_errors)
-            return
-        try:
-            self.receiver.on_transfer_done(done, via="in_process")
-        except RoomError as e:
-            logger.warning("TransferDone for room %s here failed: %s", done.room, e)
-            if raise_errors:
-                raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not "
-                                f"take the KV: {e}", "notify_failed") from None
-            return
-        # Let the woken ExpectKv answer the decode worker before this SendKv answers the
-        # prefill worker: decode's wait is on a request's critical path, prefill's is not.
-        await asyncio.sleep(0)
 
     def _job(self, req: kvd_pb2.SendKvRequest, pool: Pool, page_ids: list[int],
              boot: kvd_pb2.BootstrapRequest, known: _KnownPeer) -> tuple[TransferJob, int]:
@@ -470,55 +318,3 @@ class Sender(RoomFlow):
             boot.cancel()
         return True
 
-
-def _source_failure(room: str, e: BaseException, timeout: float) -> BaseException:
-    """What a failed wait for a source_ready_event fails its room with (`e` itself if it is no
-    failure of the wait's own, a cancellation say)."""
-    if isinstance(e, SourceNotReady):
-        return RoomError("DEADLINE_EXCEEDED", f"room {room!r}: {e} (waited up to {timeout:g}s)",
-                         "timeout")
-    if isinstance(e, ValueError):
-        return RoomError("INVALID_ARGUMENT", f"room {room!r}: {e}")
-    if isinstance(e, cudart.CudaError):
-        return RoomError("UNAVAILABLE", f"room {room!r}: waiting for the prefill's "
-                         f"source_ready_event failed: {e}", "backend_error")
-    if isinstance(e, TransferError):  # issuing the copy
-        return backend_error(room, e)
-    return e
-
-
-def _write(job: TransferJob, notice: Notice | None) -> float:
-    """On a transfer thread: the job's blocking write, its seconds; through a backend that
-    notifies, the decode side is told once it is posted (it then polls finely)."""
-    if notice is None:
-        return timed_write(job)
-    prepared = job.backend.prepare_write(job.peer, job.src, job.dst_addrs)  # type: ignore
-    if prepared is None:
-        return 0.0
-    posted = prepared.issue()
-    notice.posted()
-    return posted.wait()
-
-
-def _land(wait: Callable[[], float], notice: Notice | None,
-          tell_posted: bool = False) -> tuple[float, bool]:
-    """On the thread that waits for a write (`tell_posted`: one posted by another thread,
-    the decode side not yet told so — not from the event-polling thread, which has other
-    rooms to watch): its seconds, and whether the decode side was told by notification the
-    moment it landed."""
-    if tell_posted and notice is not None:
-        notice.posted()
-    seconds = wait()
-    return seconds, notice is not None and notice.send()
-
-
-async def _notify(peer: Peer, done: kvd_pb2.TransferDoneRequest,
-                  raise_errors: bool = False) -> None:
-    try:
-        await peer.stub.TransferDone(done, timeout=10.0)
-    except grpc.aio.AioRpcError as e:
-        logger.warning("TransferDone for room %s to %s failed: %s", done.room, peer.address,
-                       e.details())
-        if raise_errors:
-            raise RoomError("UNAVAILABLE", f"room {done.room!r}: the decode side did not take "
-                            f"the KV: {e.code().name}: {e.details()}", "notify_failed") from None
