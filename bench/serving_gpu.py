@@ -14,8 +14,10 @@ holding the pools of both GPUs: the same-node NVLink path).
 
 Load (`tandem bench`, chat completions, streamed, ignore_eos): random prompts of ~2,000 tokens and
 256 output tokens, Poisson arrivals, after a discarded warm-up burst on each deployment.
-`--request-rate auto` first measures unified's capacity (all requests at once, 64 prompts) and
-then runs both deployments at 85% of it; `--rate-fractions 0.85,1.0,1.15` sweeps several
+`--request-rate auto` first measures unified's capacity (the throughput of --capacity-prompts
+requests sent at once, by default as many as the load has: a 64-request burst read 8.9-14.4
+req/s on the same 2xH100 while unified served 16-18 req/s within the SLOs) and then runs both
+deployments at 85% of it; `--rate-fractions 0.85,1.0,1.15` sweeps several
 fractions of that capacity, `--request-rate 12,15,18` several fixed rates, on the same two
 deployments (each started once, the rates run in turn). Reported per deployment and rate: TTFT,
 ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs); and PD /
@@ -172,6 +174,9 @@ def main() -> int:
     p.add_argument("--request-rate", default="auto", help="requests/s (comma-separated for "
                    "several, the first being the headline), or auto: fractions of unified's "
                    "measured capacity (--rate-fractions)")
+    p.add_argument("--capacity-prompts", type=int, default=None,
+                   help="requests sent at once to measure unified's capacity (default: "
+                   "--num-prompts)")
     p.add_argument("--rate-fractions", default="0.85",
                    help="with --request-rate auto: comma-separated fractions of unified's "
                    "capacity to run both deployments at, the first being the headline")
@@ -187,6 +192,7 @@ def main() -> int:
                    help="cpu: a smoke run of this script (use --shape tiny)")
     p.add_argument("--out", default="bench/results/serving-h100.json")
     args = p.parse_args()
+    args.capacity_prompts = args.capacity_prompts or args.num_prompts
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         raise SystemExit("bench.serving_gpu needs two GPUs")
     machine = gpu_machine(torch.device("cuda:0")) if args.device == "cuda" else machine_info()
@@ -218,7 +224,8 @@ def main() -> int:
                                                 "request_rate": "inf"})
                 run_load(d, warm_up, tmp, f"{name}-warmup")
                 if not rates:  # unified runs first: its capacity sets every rate
-                    probe = argparse.Namespace(**{**vars(args), "num_prompts": 64,
+                    probe = argparse.Namespace(**{**vars(args),
+                                                  "num_prompts": args.capacity_prompts,
                                                   "request_rate": "inf"})
                     summary = run_load(d, probe, tmp, "capacity")["summary"]
                     results["capacity"] = summary
