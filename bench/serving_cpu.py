@@ -50,6 +50,7 @@ class Deployment:
         self.tmp = tmp
         self.procs = []
         self.workers: dict[str, list[str]] = {}
+        self.metrics: dict[str, str] = {}  # /metrics URLs of workers, by a name the caller picks
 
     def worker(self, mode: str, extra: list[str]) -> str:
         port = free_port()

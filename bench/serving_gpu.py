@@ -20,8 +20,9 @@ req/s on the same 2xH100 while unified served 16-18 req/s within the SLOs) and t
 deployments at 85% of it; `--rate-fractions 0.85,1.0,1.15` sweeps several
 fractions of that capacity, `--request-rate 12,15,18` several fixed rates, on the same two
 deployments (each started once, the rates run in turn). Reported per deployment and rate: TTFT,
-ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs); and PD /
-unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with goodput >=
+ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs), each
+worker's engine duty and batch fill during the run (`engine_activity`, from its /metrics); and
+PD / unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with goodput >=
 unified's. The first rate's run is the headline (top-level `unified_2x`, `pd_1p1d`,
 `pd_over_unified`, `goal`); every rate's is under `by_rate`. Results, with the
 GPUs named, go to `--out`.
@@ -36,7 +37,9 @@ from pathlib import Path
 
 import torch
 
+from bench import engine_activity
 from bench.gpu_baselines import gpu_machine
+from bench.procs import free_port
 from bench.serving_cpu import Deployment, _ratios, run_load
 from services.bench.report import machine_info, percentile
 
@@ -114,9 +117,18 @@ def _on_gpu(flags: list[str], gpu: int) -> list[str]:
     return [*flags, "--base-gpu-id", str(gpu)] if "cuda" in flags else flags
 
 
+def _worker(d: Deployment, name: str, mode: str, flags: list[str]) -> str:
+    """Start a worker with its /metrics on a known port, remembered as `d.metrics[name]`."""
+    port = free_port()
+    address = d.worker(mode, [*flags, "--metrics-port", str(port)])
+    d.metrics[name] = f"http://127.0.0.1:{port}/metrics"
+    return address
+
+
 def unified(tmp: Path, worker_flags: list[str]) -> Deployment:
     d = Deployment(tmp)
-    workers = [d.worker("null", _on_gpu(worker_flags, gpu)) for gpu in (0, 1)]
+    workers = [_worker(d, f"unified{gpu}", "null", _on_gpu(worker_flags, gpu))
+               for gpu in (0, 1)]
     d.gateway(["--worker", *[f"http://{w}" for w in workers], "--policy", "power_of_two"])
     return d
 
@@ -125,8 +137,8 @@ def pd(tmp: Path, worker_flags: list[str], backend: str) -> Deployment:
     """One node: its kvd (owning a VRAM pool on each GPU), prefill on GPU 0, decode on GPU 1."""
     d = Deployment(tmp)
     node = d.kvd(backend)
-    prefill = d.worker("prefill", _on_gpu([*worker_flags, *node], 0))
-    decode = d.worker("decode", _on_gpu([*worker_flags, *node], 1))
+    prefill = _worker(d, "prefill", "prefill", _on_gpu([*worker_flags, *node], 0))
+    decode = _worker(d, "decode", "decode", _on_gpu([*worker_flags, *node], 1))
     d.gateway(["--pd-disaggregation", "--prefill", f"http://{prefill}",
                "--decode", f"http://{decode}"])
     return d
@@ -234,7 +246,10 @@ def main() -> int:
                     print("request rates", rates, flush=True)
                 for key, rate in rates.items():
                     load = argparse.Namespace(**{**vars(args), "request_rate": rate})
+                    before = engine_activity.snapshot(d.metrics)
                     run = run_load(d, load, tmp, f"{name}-{key}")
+                    run["engine_activity"] = engine_activity.activity(
+                        before, engine_activity.snapshot(d.metrics))
                     run["itl_by_position"] = itl_by_position(tmp / f"bench-{name}-{key}.json")
                     by_rate.setdefault(key, {"request_rate": rate})[name] = run
                     _write_partial(args.out, results, by_rate)
@@ -256,7 +271,8 @@ def main() -> int:
     deployments = ("unified_2x", "pd_1p1d")
     results["by_rate"] = {
         key: {k: v for k, v in run.items() if k not in deployments}
-        | {name: {k: run[name][k] for k in ("summary", "itl_by_position")} for name in deployments}
+        | {name: {k: run[name][k] for k in ("summary", "itl_by_position", "engine_activity")}
+           for name in deployments}
         for key, run in by_rate.items()}
     results["config"]["request_rate_used"] = headline["request_rate"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

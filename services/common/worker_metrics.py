@@ -6,7 +6,8 @@ in `_total`; every series carries the worker's `mode` (unified, prefill, decode)
 timings are taken on the servicer's event loop, never on the engine thread: the engine step
 gains no lock and no allocation. Queue and page gauges are read at scrape time, from the
 scrape thread, as plain ints and `len()` of the scheduler's lists — each read atomic, possibly
-a step apart from each other — so a scrape never waits for, nor blocks, the engine thread.
+a step apart from each other — so a scrape never waits for, nor blocks, the engine thread; so
+are the engine's step count, time in steps and scheduled tokens (counters).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -51,6 +52,15 @@ class _EngineCollector(Collector):
             family = GaugeMetricFamily(f"tandem_worker_{name}", doc, labels=["mode"])
             family.add_metric(mode, value)
             yield family
+        for name, doc, value in (
+                ("engine_steps", "engine steps run by the engine thread", engine.steps),
+                ("engine_step_seconds", "wall time the engine thread spent in steps (its "
+                 "share of elapsed time is the engine's duty)", engine.step_seconds),
+                ("scheduled_tokens", "tokens of the scheduled batches (prompt chunks not "
+                 "cached, and decode tokens)", engine.scheduler.scheduled_tokens)):
+            counter = CounterMetricFamily(f"tandem_worker_{name}", doc, labels=["mode"])
+            counter.add_metric(mode, value)
+            yield counter
 
 
 class WorkerMetrics:

@@ -9,7 +9,9 @@ calls `use_device()` first):
   Finished requests have released their pages before `step` returns. With decode CUDA graphs,
   steps where every request decodes are overlapped (`overlap.py`): such a step returns the
   previous step's outputs, and a finished request's pages are released once the GPU is done
-  with them (at the latest when the engine has no more work).
+  with them (at the latest when the engine has no more work). `steps` and `step_seconds` count
+  the calls and the wall time spent in them (with `scheduler.scheduled_tokens`, what the
+  metrics report as the engine's duty and batch fill).
 - `abort(request_id)` ends a request wherever it is (queued, prefilling, decoding) and frees its
   pages at once.
 PD hooks (the engine never moves KV itself; kvd does, between the calls):
@@ -40,6 +42,7 @@ The KV pool may be memory the engine did not allocate (`pool=`): kvd's segment i
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 
@@ -95,6 +98,9 @@ class LLMEngine:
         self._keep_kv: set[str] = set()  # PD prefill requests whose pages outlive them
         self._kv_events = KvEvents(model.device)
         self._landings = PendingLandings(self.scheduler)  # PD decode: waits on ready flags
+        # how busy the driving thread keeps the engine: read (not locked) by the metrics
+        self.steps = 0
+        self.step_seconds = 0.0
         self.on_kv_computed: Callable[[KvComputed], None] | None = None  # engine thread
         self._arrivals = itertools.count()
 
@@ -247,6 +253,14 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - started
+
+    def _step(self) -> list[RequestOutput]:
         self._landings.keep_failed(self.poll_landings())  # first: a landed request joins this step
         outputs, self._pending = self._pending, []
         if self._overlap is not None and self._overlap.eligible(self):

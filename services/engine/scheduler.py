@@ -61,6 +61,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
+        self.scheduled_tokens = 0  # tokens of every batch scheduled (computed, not cached)
 
     @property
     def num_unfinished(self) -> int:
@@ -98,6 +99,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num)
             budget -= num
+        self.scheduled_tokens += batch.num_tokens
         return batch
 
     def commit(self, batch: ScheduledBatch) -> None:

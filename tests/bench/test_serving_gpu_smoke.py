@@ -37,6 +37,16 @@ def _check_runs(results: dict, rates: dict[str, float]) -> None:
             assert (summary["completed"], summary["failed"]) == (PROMPTS, 0), (key, name)
             assert summary["num_good"] == PROMPTS  # SLOs no run on this machine can miss
             assert run[name]["itl_by_position"]["later_gaps_ms"]["p50"] > 0
+        workers = {"unified_2x": {"unified0", "unified1"}, "pd_1p1d": {"prefill", "decode"}}
+        for name, names in workers.items():
+            activity = run[name]["engine_activity"]
+            assert set(activity) == names
+            for worker in activity.values():
+                assert 0 < worker["duty"] <= 1 and worker["steps"] > 0
+                assert worker["tokens_per_step"] >= 1
+        # every prompt token computed on PD's prefill side, decode tokens on its decode side
+        assert run["pd_1p1d"]["engine_activity"]["prefill"]["tokens_per_step"] > 1
+        assert run["pd_1p1d"]["engine_activity"]["decode"]["tokens_per_step"] <= PROMPTS
         assert run["pd_over_unified"]["goodput"] > 0
     headline = next(iter(results["by_rate"].values()))  # the first rate is the headline
     assert results["pd_1p1d"]["summary"] == headline["pd_1p1d"]["summary"]

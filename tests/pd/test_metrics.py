@@ -105,6 +105,11 @@ def test_metrics_count_the_workload(deployment):
     assert value(m, "tandem_worker_kv_pages_used") == load.num_pages - load.num_free_pages
     assert value(m, "tandem_worker_running_requests") == 0
     assert value(m, "tandem_worker_waiting_requests") == 0
+    # the decode engine computes each token after the prefill side's first, one per step
+    assert value(m, "tandem_worker_scheduled_tokens_total") == sum(generated) - n
+    steps = value(m, "tandem_worker_engine_steps_total")
+    assert max(generated) - 1 <= steps <= sum(generated) - n
+    assert value(m, "tandem_worker_engine_step_seconds_total") > 0
 
     # --- prefill worker ---
     info = asyncio.run(model_info(pport, "prefill"))
@@ -117,6 +122,10 @@ def test_metrics_count_the_workload(deployment):
     assert value(m, "tandem_worker_prefill_seconds_count") == n
     assert value(m, "tandem_worker_kv_send_seconds_count") == n
     assert value(m, "tandem_worker_kv_sent_bytes_total") == kv_bytes
+    computed = sum(p.prompt_tokens - p.cached_tokens for p in prefills)
+    assert value(m, "tandem_worker_scheduled_tokens_total") == computed
+    assert 1 <= value(m, "tandem_worker_engine_steps_total") <= n  # no prompt needs 2 chunks
+    assert value(m, "tandem_worker_engine_step_seconds_total") > 0
     load = asyncio.run(load_at(f"127.0.0.1:{pport}", "prefill"))
     assert value(m, "tandem_worker_kv_pages_total") == load.num_pages
     assert value(m, "tandem_worker_kv_pages_free") == load.num_free_pages
