@@ -7,6 +7,9 @@ the log's tail if the process exited or `timeout` passed. `stop` sends SIGTERM, 
 
 from __future__ import annotations
 
+import services  # noqa: F401  (gRPC's settings, before grpc loads: see services/__init__.py)
+
+# isort: split
 import os
 import random
 import signal

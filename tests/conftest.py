@@ -7,6 +7,9 @@ test module imports triton), so their tests check them on the CPU too."""
 
 from __future__ import annotations
 
+import services  # noqa: F401  (gRPC's settings, before grpc loads: see services/__init__.py)
+
+# isort: split
 from pathlib import Path
 
 import pytest
