@@ -104,6 +104,7 @@ def start_span(name: str, parent: trace.Span | None = None, servicer_context=Non
     `end_span`. None when off."""
     if not _ENABLED:
         return None
+    ctx: otel_context.Context | None
     if parent is not None:
         ctx = trace.set_span_in_context(parent)
     else:

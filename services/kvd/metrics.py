@@ -118,8 +118,9 @@ class KvdMetrics:
             self.transfer_gbps.labels(backend).observe(num_bytes / seconds / 1e9)
 
 
-def failure_reason(error: BaseException) -> str:
-    """The stable reason string of an exception ending a room."""
+def failure_reason(error: BaseException | None) -> str:
+    """The stable reason string of an exception ending a room ("internal" for None: a room
+    that ended without one, yet failed)."""
     reason = getattr(error, "reason", None)
     if isinstance(reason, str):
         return reason

@@ -46,7 +46,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from services.common.proto.tandem.v1 import kvd_pb2
 from services.common.timer_slack import use_fine_timer_slack
@@ -84,7 +84,7 @@ def decode(message: bytes) -> kvd_pb2.TransferDoneRequest:
     return done
 
 
-def notifies(backend: object) -> bool:
+def notifies(backend: object) -> TypeGuard[NotifyingBackend]:
     """Whether `backend` can carry TransferDone as a notification."""
     return callable(getattr(backend, "notify", None)) and callable(
         getattr(backend, "notifications", None))

@@ -86,8 +86,9 @@ class Receiver(RoomFlow):
             # Pages of a room answered with a ready event stay pinned until its copy is done
             # (a few ms), those of a room answered with a ready flag until the loop has seen
             # the flag set: a worker may free and reuse them sooner. Wait for those once.
-            landing = [room.landing for room in self._recv.values()
-                       if room.landing is not None and not room.landing.done()]
+            landing: list[asyncio.Future[Any]] = [
+                room.landing for room in self._recv.values()
+                if room.landing is not None and not room.landing.done()]
             wanted = set(page_ids)
             landing += [asyncio.ensure_future(room.drained.wait()) for room in self._recv.values()
                         if room.flag is not None and not room.drained.is_set()

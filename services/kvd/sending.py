@@ -27,6 +27,7 @@ out, once nothing it issued still reads them.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -247,6 +248,7 @@ class Sender(RoomFlow):
                 seconds = await steps.landed(req.room, landing)
                 shard = self.queues.shard_of(self.kvd_id)
             else:
+                future: asyncio.Future[Any] | Future[Any]
                 if issued is not None:  # posted by the thread that saw the pages ready
                     landing = asyncio.get_running_loop().run_in_executor(
                         None, land, issued.wait, notice, True)
