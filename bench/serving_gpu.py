@@ -21,7 +21,8 @@ deployments at 85% of it; `--rate-fractions 0.85,1.0,1.15` sweeps several
 fractions of that capacity, `--request-rate 12,15,18` several fixed rates, on the same two
 deployments (each started once, the rates run in turn). Reported per deployment and rate: TTFT,
 ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs), each
-worker's engine duty and batch fill during the run (`engine_activity`, from its /metrics); and
+worker's engine duty, batch fill and own latencies during the run (`worker_activity`, from its
+/metrics); and
 PD / unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with goodput >=
 unified's. The first rate's run is the headline (top-level `unified_2x`, `pd_1p1d`,
 `pd_over_unified`, `goal`); every rate's is under `by_rate`. Results, with the
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bench import engine_activity
+from bench import worker_activity
 from bench.gpu_baselines import gpu_machine
 from bench.procs import free_port
 from bench.serving_cpu import Deployment, _ratios, run_load
@@ -246,10 +247,10 @@ def main() -> int:
                     print("request rates", rates, flush=True)
                 for key, rate in rates.items():
                     load = argparse.Namespace(**{**vars(args), "request_rate": rate})
-                    before = engine_activity.snapshot(d.metrics)
+                    before = worker_activity.snapshot(d.metrics)
                     run = run_load(d, load, tmp, f"{name}-{key}")
-                    run["engine_activity"] = engine_activity.activity(
-                        before, engine_activity.snapshot(d.metrics))
+                    run["worker_activity"] = worker_activity.activity(
+                        before, worker_activity.snapshot(d.metrics))
                     run["itl_by_position"] = itl_by_position(tmp / f"bench-{name}-{key}.json")
                     by_rate.setdefault(key, {"request_rate": rate})[name] = run
                     _write_partial(args.out, results, by_rate)
@@ -271,7 +272,7 @@ def main() -> int:
     deployments = ("unified_2x", "pd_1p1d")
     results["by_rate"] = {
         key: {k: v for k, v in run.items() if k not in deployments}
-        | {name: {k: run[name][k] for k in ("summary", "itl_by_position", "engine_activity")}
+        | {name: {k: run[name][k] for k in ("summary", "itl_by_position", "worker_activity")}
            for name in deployments}
         for key, run in by_rate.items()}
     results["config"]["request_rate_used"] = headline["request_rate"]

@@ -37,16 +37,25 @@ def _check_runs(results: dict, rates: dict[str, float]) -> None:
             assert (summary["completed"], summary["failed"]) == (PROMPTS, 0), (key, name)
             assert summary["num_good"] == PROMPTS  # SLOs no run on this machine can miss
             assert run[name]["itl_by_position"]["later_gaps_ms"]["p50"] > 0
-        workers = {"unified_2x": {"unified0", "unified1"}, "pd_1p1d": {"prefill", "decode"}}
-        for name, names in workers.items():
-            activity = run[name]["engine_activity"]
+        for name, names in (("unified_2x", {"unified0", "unified1"}),
+                            ("pd_1p1d", {"prefill", "decode"})):
+            activity = run[name]["worker_activity"]
             assert set(activity) == names
-            for worker in activity.values():
-                assert 0 < worker["duty"] <= 1 and worker["steps"] > 0
-                assert worker["tokens_per_step"] >= 1
+            assert all(0 <= w["duty"] <= 1 for w in activity.values())
+        pd_workers = run["pd_1p1d"]["worker_activity"]
+        for worker in pd_workers.values():
+            assert worker["duty"] > 0 and worker["steps"] > 0
         # every prompt token computed on PD's prefill side, decode tokens on its decode side
-        assert run["pd_1p1d"]["engine_activity"]["prefill"]["tokens_per_step"] > 1
-        assert run["pd_1p1d"]["engine_activity"]["decode"]["tokens_per_step"] <= PROMPTS
+        assert pd_workers["prefill"]["tokens_per_step"] > 1
+        assert 1 <= pd_workers["decode"]["tokens_per_step"] <= PROMPTS
+        # PD's prefill worker timed each request's prefill and KV send, the bootstrap wait too
+        prefill = pd_workers["prefill"]
+        assert prefill["prefill_ms_mean"] > 0 and prefill["kv_send_ms_mean"] > 0
+        assert prefill["ttft_ms_mean"] >= prefill["prefill_ms_mean"]
+        # unified: the router may send every request to one replica; together they did all
+        unified = run["unified_2x"]["worker_activity"].values()
+        assert sum(w["steps"] for w in unified) > 0
+        assert any(w.get("ttft_ms_mean", 0) > 0 for w in unified)
         assert run["pd_over_unified"]["goodput"] > 0
     headline = next(iter(results["by_rate"].values()))  # the first rate is the headline
     assert results["pd_1p1d"]["summary"] == headline["pd_1p1d"]["summary"]
