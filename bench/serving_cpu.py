@@ -283,7 +283,9 @@ def _ratios(pd: dict, uni: dict) -> dict:
             a, b = pd.get(metric, {}).get(q), uni.get(metric, {}).get(q)
             if a is not None and b:
                 out[f"{metric}_{q}"] = a / b
-    for metric in ("goodput", "request_throughput", "output_throughput"):
+    # goodput is good requests per second of the run (first arrival to last completion): with
+    # every request good on both sides its ratio is the runs' durations; num_good says so
+    for metric in ("goodput", "num_good", "request_throughput", "output_throughput"):
         a, b = pd.get(metric), uni.get(metric)
         if a is not None and b:
             out[metric] = a / b

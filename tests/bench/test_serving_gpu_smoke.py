@@ -57,6 +57,7 @@ def _check_runs(results: dict, rates: dict[str, float]) -> None:
         assert sum(w["steps"] for w in unified) > 0
         assert any(w.get("ttft_ms_mean", 0) > 0 for w in unified)
         assert run["pd_over_unified"]["goodput"] > 0
+        assert run["pd_over_unified"]["num_good"] == 1.0  # every request good on both sides
     headline = next(iter(results["by_rate"].values()))  # the first rate is the headline
     assert results["pd_1p1d"]["summary"] == headline["pd_1p1d"]["summary"]
     assert results["config"]["request_rate_used"] == headline["request_rate"]
