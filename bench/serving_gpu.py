@@ -17,16 +17,15 @@ Load (`tandem bench`, chat completions, streamed, ignore_eos): random prompts of
 `--request-rate auto` first measures unified's capacity (the throughput of --capacity-prompts
 requests sent at once, by default as many as the load has: a 64-request burst read 8.9-14.4
 req/s on the same 2xH100 while unified served 16-18 req/s within the SLOs) and then runs both
-deployments at 85% of it; `--rate-fractions 0.85,1.0,1.15` sweeps several
-fractions of that capacity, `--request-rate 12,15,18` several fixed rates, on the same two
-deployments (each started once, the rates run in turn). Reported per deployment and rate: TTFT,
-ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs), each
-worker's engine duty, batch fill and own latencies during the run (`worker_activity`, from its
-/metrics); and
-PD / unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with goodput >=
+deployments at 85% of it; `--rate-fractions 0.85,1.0,1.15` sweeps several fractions of that
+capacity, `--request-rate 12,15,18` several fixed rates, on the same two deployments (each
+started once, the rates run in turn). Reported per deployment and rate: TTFT, ITL, TPOT, E2E
+(mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs), each worker's engine duty,
+batch fill and own latencies during the run (`worker_activity`, from its /metrics); and PD /
+unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with goodput >=
 unified's. The first rate's run is the headline (top-level `unified_2x`, `pd_1p1d`,
-`pd_over_unified`, `goal`); every rate's is under `by_rate`. Results, with the
-GPUs named, go to `--out`.
+`pd_over_unified`, `goal`); every rate's is under `by_rate`. Results, with the GPUs named, go
+to `--out` (after every rate too, marked partial).
 """
 
 from __future__ import annotations
@@ -168,13 +167,21 @@ def _save_log_tails(tmp: Path, to: Path) -> None:
     to.write_text("\n".join(parts) + "\n")
 
 
-def _write_partial(out: str, results: dict, by_rate: dict) -> None:
-    """What has run so far, marked partial: a run cut short by its time limit keeps its rates."""
-    summaries = {key: {name: run[name]["summary"] for name in run if name != "request_rate"}
-                 | {"request_rate": run["request_rate"]} for key, run in by_rate.items()}
+DEPLOYMENTS = ("unified_2x", "pd_1p1d")
+
+
+def _by_rate(by_rate: dict) -> dict:
+    """Each rate's results as written: its own fields, and per deployment that has run its
+    summary, ITL by position and worker activity (not tandem bench's whole report)."""
+    return {key: {k: v for k, v in run.items() if k not in DEPLOYMENTS}
+            | {name: {k: run[name][k] for k in ("summary", "itl_by_position", "worker_activity")}
+               for name in DEPLOYMENTS if name in run}
+            for key, run in by_rate.items()}
+
+
+def _write(out: str, results: dict) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({**results, "partial": True, "by_rate": summaries},
-                                    indent=2, default=str) + "\n")
+    Path(out).write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 def main() -> int:
@@ -253,7 +260,8 @@ def main() -> int:
                         before, worker_activity.snapshot(d.metrics))
                     run["itl_by_position"] = itl_by_position(tmp / f"bench-{name}-{key}.json")
                     by_rate.setdefault(key, {"request_rate": rate})[name] = run
-                    _write_partial(args.out, results, by_rate)
+                    # what has run so far: a run cut short by its time limit keeps its rates
+                    _write(args.out, {**results, "partial": True, "by_rate": _by_rate(by_rate)})
             except Exception:
                 _save_log_tails(tmp, Path(args.out).with_suffix(".logs.txt"))
                 raise
@@ -269,15 +277,9 @@ def main() -> int:
                    pd_over_unified=headline["pd_over_unified"])
     results["goal"] = {"itl_p99_ratio_max": 0.5, "goodput_ratio_min": 1.0,
                        "met": headline["goal_met"]}
-    deployments = ("unified_2x", "pd_1p1d")
-    results["by_rate"] = {
-        key: {k: v for k, v in run.items() if k not in deployments}
-        | {name: {k: run[name][k] for k in ("summary", "itl_by_position", "worker_activity")}
-           for name in deployments}
-        for key, run in by_rate.items()}
+    results["by_rate"] = _by_rate(by_rate)
     results["config"]["request_rate_used"] = headline["request_rate"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    _write(args.out, results)
     print(json.dumps({key: {"request_rate": run["request_rate"], "goal_met": run["goal_met"],
                             "pd_over_unified": run["pd_over_unified"]}
                       for key, run in by_rate.items()}, indent=2))
