@@ -161,8 +161,12 @@ def extend_kernel(
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (m_block, seq, head): BLOCK_M new tokens of one sequence, one query head,
-    causal over the sequence's cached and new tokens (and the sliding window if > 0)."""
-    mb = tl.program_id(0)
+    causal over the sequence's cached and new tokens (and the sliding window if > 0).
+
+    The last query blocks (the longest rows) are launched first, so the short ones fill the
+    tail. Without a window, the KV blocks wholly before the block's first query need no mask
+    and take the unmasked loop; only the blocks at the diagonal are masked."""
+    mb = tl.num_programs(0) - 1 - tl.program_id(0)
     i = tl.program_id(1)
     h = tl.program_id(2)
     num_new = tl.load(NumNew + i)
@@ -177,6 +181,7 @@ def extend_kernel(
         d_mask = d < HEAD_DIM
         q = tl.load(Q + (q_start + m)[:, None] * stride_q + h * HEAD_DIM + d[None, :],
                     mask=m_valid[:, None] & d_mask[None, :], other=0.0)
+        table = PageTable + i * stride_pt
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -184,13 +189,21 @@ def extend_kernel(
         first_q = num_cached + mb * BLOCK_M
         hi = tl.minimum(first_q + BLOCK_M, num_cached + num_new)
         lo = first_q * 0
+        unmasked_end = first_q // BLOCK_N * BLOCK_N  # every query of the block sees these
         if window > 0:
             lo = tl.maximum(first_q - window + 1, 0) // BLOCK_N * BLOCK_N
-        for n in range(lo, hi, BLOCK_N):
+            unmasked_end = lo
+        for n in range(lo, unmasked_end, BLOCK_N):
+            pos = n + tl.arange(0, BLOCK_N)
+            k, v = _load_kv(Pool, table, pos, pos >= 0, kvh, k_off, v_off, rows_per_page, d,
+                            d_mask, KV_HEADS, HEAD_DIM, PAGE_SIZE)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
+            m_i, l_i, acc = _online_softmax_step(qk, v, m_i, l_i, acc, PRECISION)
+        for n in range(unmasked_end, hi, BLOCK_N):
             pos = n + tl.arange(0, BLOCK_N)
             in_seq = pos < hi
-            k, v = _load_kv(Pool, PageTable + i * stride_pt, pos, in_seq, kvh, k_off, v_off,
-                            rows_per_page, d, d_mask, KV_HEADS, HEAD_DIM, PAGE_SIZE)
+            k, v = _load_kv(Pool, table, pos, in_seq, kvh, k_off, v_off, rows_per_page, d,
+                            d_mask, KV_HEADS, HEAD_DIM, PAGE_SIZE)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             allowed = (pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
             allowed = allowed & ((window <= 0) | (q_pos[:, None] - pos[None, :] < window))
