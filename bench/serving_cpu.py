@@ -226,7 +226,8 @@ def run_load(d: Deployment, args: argparse.Namespace, tmp: Path, name: str) -> d
     cmd = ["-m", "services.cli", "bench", "--base-url", d.url, "--backend", "openai-chat",
            "--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--random-range-ratio",
-           str(args.range_ratio), "--request-rate", str(args.request_rate), "--seed", "1",
+           str(args.range_ratio), "--request-rate", str(args.request_rate),
+           "--seed", str(args.seed),
            "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-itl-ms", str(args.slo_itl_ms),
            "--disable-tqdm", "--output-json", str(out)]
     log = tmp / f"bench-{name}.log"
@@ -246,6 +247,7 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--range-ratio", type=float, default=0.25)
     p.add_argument("--request-rate", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=1, help="tandem bench's workload seed")
     p.add_argument("--slo-ttft-ms", type=float, default=4000)
     p.add_argument("--slo-itl-ms", type=float, default=150)
     p.add_argument("--overhead-samples", type=int, default=300)

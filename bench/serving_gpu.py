@@ -19,13 +19,14 @@ requests sent at once, by default as many as the load has: a 64-request burst re
 req/s on the same 2xH100 while unified served 16-18 req/s within the SLOs) and then runs both
 deployments at 85% of it; `--rate-fractions 0.85,1.0,1.15` sweeps several fractions of that
 capacity, `--request-rate 12,15,18` several fixed rates, on the same two deployments (each
-started once, the rates run in turn). Reported per deployment and rate: TTFT, ITL, TPOT, E2E
-(mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs), each worker's engine duty,
-batch fill and own latencies during the run (`worker_activity`, from its /metrics); and PD /
-unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x unified's with goodput >=
-unified's. The first rate's run is the headline (top-level `unified_2x`, `pd_1p1d`,
-`pd_over_unified`, `goal`); every rate's is under `by_rate`. Results, with the GPUs named, go
-to `--out` (after every rate too, marked partial).
+started once, the rates run in turn; `--repeats 3` runs each rate three times with three
+workload seeds, and `spread` lists every repeat's good requests). Reported per deployment and
+rate: TTFT, ITL, TPOT, E2E (mean, p50, p90, p99), throughput and goodput (TTFT and TPOT SLOs),
+each worker's engine duty, batch fill and own latencies during the run (`worker_activity`, from
+its /metrics); and PD / unified ratios. The seed's claim, measured: PD's ITL p99 <= 0.5x
+unified's with goodput >= unified's. The first rate's run is the headline (top-level
+`unified_2x`, `pd_1p1d`, `pd_over_unified`, `goal`); every rate's is under `by_rate`. Results,
+with the GPUs named, go to `--out` (after every rate too, marked partial).
 """
 
 from __future__ import annotations
@@ -170,6 +171,26 @@ def _save_log_tails(tmp: Path, to: Path) -> None:
 DEPLOYMENTS = ("unified_2x", "pd_1p1d")
 
 
+def _runs(rates: dict[str, float], repeats: int, seed: int) -> list[tuple[str, float, int]]:
+    """(key, req/s, workload seed) of every run, the repeats of a rate one after another."""
+    return [(f"{key}#{i + 1}" if i else key, rate, seed + i)
+            for key, rate in rates.items() for i in range(repeats)]
+
+
+def _spread(by_rate: dict) -> dict:
+    """Per rate, every repeat's good requests on each side and PD/unified ratios, in order."""
+    spread: dict[str, dict[str, list]] = {}
+    for key, run in by_rate.items():
+        row = spread.setdefault(key.split("#")[0], {
+            "unified_num_good": [], "pd_num_good": [], "goodput_ratio": [],
+            "itl_p99_ratio": []})
+        row["unified_num_good"].append(run["unified_2x"]["summary"]["num_good"])
+        row["pd_num_good"].append(run["pd_1p1d"]["summary"]["num_good"])
+        row["goodput_ratio"].append(run["pd_over_unified"].get("goodput"))
+        row["itl_p99_ratio"].append(run["pd_over_unified"].get("itl_ms_p99"))
+    return spread
+
+
 def _by_rate(by_rate: dict) -> dict:
     """Each rate's results as written: its own fields, and per deployment that has run its
     summary, ITL by position and worker activity (not tandem bench's whole report)."""
@@ -202,6 +223,10 @@ def main() -> int:
                    "capacity to run both deployments at, the first being the headline")
     p.add_argument("--warmup-prompts", type=int, default=32, help="sent all at once to each "
                    "deployment before anything is measured, results discarded")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every rate on each "
+                   "deployment, the i-th (from 0) with workload seed --seed + i, keyed 18rps, "
+                   "18rps#2, ...: near capacity, single runs of the same rate differ widely")
+    p.add_argument("--seed", type=int, default=1, help="tandem bench's workload seed")
     p.add_argument("--chunked-prefill-size", type=int, default=4096)
     p.add_argument("--worker-flags", default="", help="more `tandem serve` flags for every "
                    "worker of both deployments, e.g. \"--max-running-requests 128\"")
@@ -252,8 +277,9 @@ def main() -> int:
                     rates = {f"{f:g}": round(f * summary["request_throughput"], 2)
                              for f in fractions}
                     print("request rates", rates, flush=True)
-                for key, rate in rates.items():
-                    load = argparse.Namespace(**{**vars(args), "request_rate": rate})
+                for key, rate, seed in _runs(rates, args.repeats, args.seed):
+                    load = argparse.Namespace(**{**vars(args), "request_rate": rate,
+                                                 "seed": seed})
                     before = worker_activity.snapshot(d.metrics)
                     run = run_load(d, load, tmp, f"{name}-{key}")
                     run["worker_activity"] = worker_activity.activity(
@@ -272,6 +298,8 @@ def main() -> int:
         run["pd_over_unified"] = ratios
         run["goal_met"] = (ratios.get("itl_ms_p99", 9) <= 0.5
                            and ratios.get("goodput", 0) >= 1.0)
+    if args.repeats > 1:
+        results["spread"] = _spread(by_rate)
     headline = next(iter(by_rate.values()))
     results.update(unified_2x=headline["unified_2x"], pd_1p1d=headline["pd_1p1d"],
                    pd_over_unified=headline["pd_over_unified"])

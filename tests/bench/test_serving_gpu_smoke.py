@@ -1,6 +1,7 @@
 """bench/serving_gpu.py end to end on this machine's CPU (`--device cpu --shape tiny`): the GPU
 serving benchmark only runs on the lent GPU machine, where a broken script costs device time, so
-its whole flow (the model written, warm-up, both deployments, a rate sweep, the results file) is
+its whole flow (the model written, warm-up, both deployments, a rate sweep, repeats, the
+results file) is
 run here with a tiny model, ~25 s a run."""
 
 from __future__ import annotations
@@ -72,9 +73,16 @@ def test_fixed_rates_with_extra_worker_flags(tmp_path: Path) -> None:
     _check_runs(results, {"50rps": 50.0, "80rps": 80.0})
 
 
-def test_auto_rates_are_fractions_of_unified_capacity(tmp_path: Path) -> None:
-    results = _run_bench(tmp_path, "--rate-fractions", "0.5,0.8", "--capacity-prompts", "4")
+def test_auto_rate_a_fraction_of_unified_capacity_repeated(tmp_path: Path) -> None:
+    results = _run_bench(tmp_path, "--rate-fractions", "0.5", "--capacity-prompts", "4",
+                         "--repeats", "2")
     capacity = results["capacity"]
     assert capacity["num_requests"] == 4 and capacity["completed"] == 4
-    per_s = capacity["request_throughput"]
-    _check_runs(results, {"0.5": round(0.5 * per_s, 2), "0.8": round(0.8 * per_s, 2)})
+    rate = round(0.5 * capacity["request_throughput"], 2)
+    _check_runs(results, {"0.5": rate, "0.5#2": rate})
+    assert results["spread"] == {"0.5": {
+        "unified_num_good": [PROMPTS, PROMPTS], "pd_num_good": [PROMPTS, PROMPTS],
+        "goodput_ratio": [results["by_rate"][k]["pd_over_unified"]["goodput"]
+                          for k in ("0.5", "0.5#2")],
+        "itl_p99_ratio": [results["by_rate"][k]["pd_over_unified"]["itl_ms_p99"]
+                          for k in ("0.5", "0.5#2")]}}
