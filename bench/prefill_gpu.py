@@ -5,26 +5,31 @@ weights), against what the card and torch can do, all measured in this one proce
 
 Why: a PD prefill worker is compute-bound (its engine runs ~90% of the time at 18 req/s of
 2,000-token prompts on an H100), so its capacity is its step time. This says which kernels
-that time is spent in, and how the attention kernel compares with torch's own.
+that time is spent in, and how the attention kernels compare with torch's own.
 
 Baselines measured here first: the bf16 matmul rate (`bench/gpu_baselines.py`) and, for each
 shape, torch's `scaled_dot_product_attention` (causal, GQA, contiguous Q/K/V: flash attention)
 on the same tokens. Then, for each batch shape (the serving mix's two 2,000-token prompts per
 4,096-token step, and one 4,096-token prompt):
 - the engine step time (`LLMEngine.step()`, one token sampled per prompt), and the model flops
-  per second as a share of the matmul rate;
-- GPU kernel time by kind over the profiled steps (torch.profiler): weight matmuls, extend
-  attention, KV store, the fused element-wise kernels, other; and the step's idle GPU time;
-- the extend-attention kernel alone over every layer, against torch's SDPA on the same shapes.
+  per second as a share of the matmul rate; the step time again with every prompt through the
+  extend kernel (the backend before whole prompts went to SDPA);
+- GPU kernel time by kind over the profiled steps (torch.profiler): weight matmuls, attention
+  (the extend kernel and SDPA's), KV store, the fused element-wise kernels, other; and the
+  step's idle GPU time;
+- one step's attention alone over every layer: the backend as the engine runs it (whole prompts
+  through torch's SDPA), the extend kernel alone on the same chunks, and torch's SDPA.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +38,7 @@ from torch.autograd import DeviceType
 
 from bench.engine_gpu import LLAMA_31_8B, _hf_model, _matmul_params, _prompts
 from bench.gpu_baselines import cuda_time_ms, gpu_machine, matmul_tflops
+from services.engine import triton_attention
 from services.engine.attention import SequenceChunk
 from services.engine.config import ModelConfig
 from services.engine.engine import EngineConfig, LLMEngine
@@ -41,7 +47,7 @@ from services.engine.sampling_params import SamplingParams
 
 SHAPES = {"2x2000": (2, 2000), "1x4096": (1, 4096)}  # (prompts per step, tokens per prompt)
 KINDS = (  # (kind, substrings of a kernel's name), first match wins
-    ("extend_attention", ("extend_kernel",)),
+    ("attention", ("extend_kernel", "flash", "fmha", "sdpa", "attention")),
     ("kv_store", ("store_kv",)),
     ("fused_elementwise", ("add_rms_norm", "rope", "silu_mul")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "cublas")),
@@ -80,6 +86,17 @@ def _step(engine: LLMEngine, batch: int, tokens: int, seed: int) -> float:
     return elapsed
 
 
+@contextlib.contextmanager
+def extend_kernel_only() -> Iterator[None]:
+    """The baseline: every prefill chunk prepared for the extend kernel, none for SDPA."""
+    threshold = triton_attention.WHOLE_PROMPT_MIN_TOKENS
+    triton_attention.WHOLE_PROMPT_MIN_TOKENS = 1 << 62
+    try:
+        yield
+    finally:
+        triton_attention.WHOLE_PROMPT_MIN_TOKENS = threshold
+
+
 def step_breakdown(engine: LLMEngine, batch: int, tokens: int, steps: int = 4) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -97,32 +114,42 @@ def step_breakdown(engine: LLMEngine, batch: int, tokens: int, steps: int = 4) -
             device_us = event.self_cuda_time_total
         if device_us > 0:
             by_kind[_kind(event.key)] += device_us / 1e3 / steps
+    with extend_kernel_only():
+        _step(engine, batch, tokens, seed=3999)  # its kernel compiled for this shape
+        baseline = [_step(engine, batch, tokens, seed=4000 + i) for i in range(6)]
     step_ms = statistics.median(times) * 1e3
     busy = sum(by_kind.values())
-    return {"step_ms": round(step_ms, 2), "profiled_step_ms": round(wall * 1e3 / steps, 2),
+    return {"step_ms": round(step_ms, 2),
+            "step_ms_extend_kernel_only": round(statistics.median(baseline) * 1e3, 2),
+            "profiled_step_ms": round(wall * 1e3 / steps, 2),
             "kernel_ms_per_step": {k: round(v, 2) for k, v in
                                    sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "gpu_idle_ms_per_step": round(wall * 1e3 / steps - busy, 2)}
 
 
 def attention_alone(engine: LLMEngine, batch: int, tokens: int) -> dict:
-    """The engine's extend kernel over every layer for one step's chunks (pages as the engine
-    allocates them), and torch's SDPA on contiguous tensors of the same shapes."""
+    """One step's attention over every layer (pages as the engine allocates them): the engine's
+    backend as it runs (whole prompts through torch's SDPA, `triton_attention.py`), the extend
+    kernel alone on the same chunks, and torch's SDPA on contiguous tensors of the same shapes."""
     c = engine.model.config
     dev, dtype = engine.model.device, engine.model.dtype
     pages_per_seq = -(-tokens // engine.pool.layout.page_size)
     chunks = [SequenceChunk(list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)),
                             0, tokens) for i in range(batch)]
     attention = engine.runner.attention
-    meta = attention.prepare(chunks, engine.pool)
+    backend_meta = attention.prepare(chunks, engine.pool)
+    with extend_kernel_only():
+        kernel_meta = attention.prepare(chunks, engine.pool)
     n = batch * tokens
     q = torch.randn(n, c.num_heads, c.head_dim, dtype=dtype, device=dev)
     k = torch.randn(n, c.num_kv_heads, c.head_dim, dtype=dtype, device=dev)
     v = torch.randn_like(k)
 
-    def ours() -> None:
-        for layer in range(c.num_layers):
-            attention.forward(layer, q, k, v, engine.pool, meta)
+    def layers(meta) -> Callable[[], None]:
+        def run() -> None:
+            for layer in range(c.num_layers):
+                attention.forward(layer, q, k, v, engine.pool, meta)
+        return run
 
     qs = q.view(batch, tokens, c.num_heads, c.head_dim).transpose(1, 2)
     ks = k.view(batch, tokens, c.num_kv_heads, c.head_dim).transpose(1, 2)
@@ -133,11 +160,14 @@ def attention_alone(engine: LLMEngine, batch: int, tokens: int) -> dict:
             F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
 
     flops = _causal_attention_flops(c, batch, tokens)
-    ours_ms, sdpa_ms = cuda_time_ms(ours, repeats=10), cuda_time_ms(sdpa, repeats=10)
-    return {"ours_ms": round(ours_ms, 2), "torch_sdpa_ms": round(sdpa_ms, 2),
-            "ours_tflops": round(flops / ours_ms / 1e9, 1),
-            "torch_sdpa_tflops": round(flops / sdpa_ms / 1e9, 1),
-            "ours_over_sdpa": round(ours_ms / sdpa_ms, 3)}
+    row = {}
+    for name, run in (("backend", layers(backend_meta)), ("extend_kernel", layers(kernel_meta)),
+                      ("torch_sdpa", sdpa)):
+        ms = cuda_time_ms(run, repeats=10)
+        row[f"{name}_ms"] = round(ms, 2)
+        row[f"{name}_tflops"] = round(flops / ms / 1e9, 1)
+    row["extend_kernel_over_sdpa"] = round(row["extend_kernel_ms"] / row["torch_sdpa_ms"], 3)
+    return row
 
 
 def main() -> None:

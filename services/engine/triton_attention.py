@@ -1,9 +1,15 @@
 """The GPU attention backend: Triton kernels over the paged KV pool.
 
 Implements the `AttentionBackend` contract of `attention.py` (the torch backend there is the
-reference these kernels are tested against). A forward pass of one layer is at most four kernel
-launches: store the new K/V, decode attention (one new token per sequence; flash-decoding
-splits then their merge) and extend attention (prefill chunks, after any cached tokens).
+reference these kernels are tested against). A forward pass of one layer launches: the store of
+the new K/V, decode attention (one new token per sequence; flash-decoding splits then their
+merge), extend attention (prefill chunks after cached tokens, and short prompts), and for each
+whole prompt of at least `WHOLE_PROMPT_MIN_TOKENS` tokens, torch's `scaled_dot_product_attention`
+over the prompt's own K/V (no pages to read: nothing is cached before it). On an H100 with the 8B
+shape that ran at 446-509 TFLOPS against the extend kernel's 260-315
+(bench/results/prefill-h100.json); below the threshold one launch per prompt costs more than it
+saves, so short prompts stay in the one extend launch. Sliding-window models keep the extend
+kernel for every chunk.
 
 Metadata is built on the host with numpy and copied once per forward pass. `DecodeBuffers`
 holds the same metadata in fixed tensors, filled in place, for CUDA-graph replay
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from services.engine.attention import SequenceChunk
 from services.engine.kv_pool import KVPool
@@ -31,6 +38,7 @@ from services.engine.triton_kernels import (
 MAX_SPLITS = 32
 DECODE_BLOCK_N = 64
 EXTEND_BLOCK_N = 64
+WHOLE_PROMPT_MIN_TOKENS = 256
 
 
 @dataclass(slots=True)
@@ -57,6 +65,7 @@ class TritonAttentionMetadata:
     slot_rows: torch.Tensor  # [num_tokens] int64: layer-0 K row of each new token; -1: none
     decode: DecodeMeta | None
     extend: ExtendMeta | None
+    whole_prompts: tuple[tuple[int, int], ...] = ()  # (first flat row, tokens), torch's SDPA
 
 
 class TritonPagedAttention:
@@ -94,6 +103,7 @@ class TritonPagedAttention:
         decode_chunks: list[SequenceChunk] = []
         extend_rows: list[int] = []
         extend_chunks: list[SequenceChunk] = []
+        whole_prompts: list[tuple[int, int]] = []
         start = 0
         for chunk in chunks:
             pos = np.arange(chunk.num_cached, chunk.num_cached + chunk.num_new)
@@ -102,6 +112,9 @@ class TritonPagedAttention:
             if chunk.num_new == 1:
                 decode_rows.append(start)
                 decode_chunks.append(chunk)
+            elif (chunk.num_cached == 0 and not self.window
+                  and chunk.num_new >= WHOLE_PROMPT_MIN_TOKENS):
+                whole_prompts.append((start, chunk.num_new))
             else:
                 extend_rows.append(start)
                 extend_chunks.append(chunk)
@@ -124,7 +137,7 @@ class TritonPagedAttention:
             dev = torch.from_numpy(ints.T.copy()).to(self.device)  # [3, N]
             extend = ExtendMeta(torch.from_numpy(table).to(self.device), dev[0], dev[1], dev[2],
                                 max(c.num_new for c in extend_chunks))
-        return TritonAttentionMetadata(slot_rows, decode, extend)
+        return TritonAttentionMetadata(slot_rows, decode, extend, tuple(whole_prompts))
 
     def _partials(self, batch: int, splits: int) -> dict[str, torch.Tensor]:
         return {
@@ -185,7 +198,20 @@ class TritonPagedAttention:
                 KV_HEADS=self.num_kv_heads, GROUP=self.group, HEAD_DIM=self.head_dim,
                 DIM_PAD=self.dim_pad, PAGE_SIZE=page_size, BLOCK_M=block_m,
                 BLOCK_N=EXTEND_BLOCK_N, PRECISION=precision, num_warps=warps, num_stages=stages)
+        for first, n in meta.whole_prompts:
+            rows = slice(first, first + n)
+            self._whole_prompt(q[rows], k[rows], v[rows], out[rows])
         return out
+
+    def _whole_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      out: torch.Tensor) -> None:
+        """Causal attention of one prompt over its own tokens (none cached before it) into
+        `out` [n, heads * dim]; q [n, heads, dim] and k, v [n, kv_heads, dim] as `forward`'s."""
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=self.head_dim**-0.5,
+            enable_gqa=self.group > 1)  # [1, heads, n, dim]
+        out.view(q.shape[0], self.num_heads, self.head_dim).copy_(o[0].transpose(0, 1))
 
 
 class DecodeBuffers:

@@ -13,7 +13,7 @@ import torch
 
 from services.engine.attention import SequenceChunk, TorchPagedAttention
 from services.engine.kv_pool import KVLayout, KVPool
-from services.engine.triton_attention import TritonPagedAttention
+from services.engine.triton_attention import WHOLE_PROMPT_MIN_TOKENS, TritonPagedAttention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
@@ -94,6 +94,25 @@ def test_long_decode_is_split_and_merged(dtype):
     pair.step([SequenceChunk(pages, 700, 1)])
     meta = pair.tri.prepare([SequenceChunk(pages, 701, 1)], pair.tri_pool)
     assert meta.decode is not None and meta.decode.num_splits > 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_whole_long_prompts_take_sdpa_beside_the_extend_kernel(dtype):
+    """Prompts computed whole from their first token, at least WHOLE_PROMPT_MIN_TOKENS long, go
+    to torch's SDPA; chunks after cached tokens, short prompts and decodes to the kernels; one
+    pass may hold all of them."""
+    pair = Pair(8, 2, 32, 16, dtype=dtype)
+    a, b, c, d = _pages(1, 19), _pages(20, 20), _pages(40, 3), _pages(43, 16)
+    first = [SequenceChunk(a, 0, 300), SequenceChunk(b, 0, 280)]
+    assert pair.tri.prepare(first, pair.tri_pool).whole_prompts == ((0, 300), (300, 280))
+    pair.step(first)
+    mixed = [SequenceChunk(b, 280, 30), SequenceChunk(c, 0, 40),
+             SequenceChunk(d, 0, WHOLE_PROMPT_MIN_TOKENS), SequenceChunk(a, 300, 1)]
+    meta = pair.tri.prepare(mixed, pair.tri_pool)
+    assert meta.whole_prompts == ((70, WHOLE_PROMPT_MIN_TOKENS),)
+    assert meta.extend is not None and meta.extend.num_new.tolist() == [30, 40]
+    assert meta.decode is not None and meta.decode.q_rows.tolist() == [70 + WHOLE_PROMPT_MIN_TOKENS]
+    pair.step(mixed)
 
 
 def test_decode_buffers_pad_with_no_store_and_zero_output():
