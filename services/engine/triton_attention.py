@@ -6,10 +6,10 @@ the new K/V, decode attention (one new token per sequence; flash-decoding splits
 merge), extend attention (prefill chunks after cached tokens, and short prompts), and for each
 whole prompt of at least `WHOLE_PROMPT_MIN_TOKENS` tokens, torch's `scaled_dot_product_attention`
 over the prompt's own K/V (no pages to read: nothing is cached before it). On an H100 with the 8B
-shape that ran at 446-509 TFLOPS against the extend kernel's 260-315
+shape that ran at 458-512 TFLOPS against the extend kernel's 245-302
 (bench/results/prefill-h100.json); below the threshold one launch per prompt costs more than it
-saves, so short prompts stay in the one extend launch. Sliding-window models keep the extend
-kernel for every chunk.
+saves, so short prompts stay in the one extend launch. Sliding-window models, and on CUDA pools
+that flash attention cannot serve (float32, odd head sizes), keep the extend kernel throughout.
 
 Metadata is built on the host with numpy and copied once per forward pass. `DecodeBuffers`
 holds the same metadata in fixed tensors, filled in place, for CUDA-graph replay
@@ -89,6 +89,16 @@ class TritonPagedAttention:
         else:  # the Triton interpreter (tests on CPU)
             self.num_sms = 4
 
+    def _sdpa_takes(self, chunk: SequenceChunk, dtype: torch.dtype) -> bool:
+        """Whether `chunk` is a whole prompt for torch's SDPA: nothing cached before it, no
+        window, long enough, and on CUDA a dtype and head size flash attention serves (other
+        cases fall back to SDPA's math path, which holds a [heads, n, n] score matrix)."""
+        if chunk.num_cached or self.window or chunk.num_new < WHOLE_PROMPT_MIN_TOKENS:
+            return False
+        return self.device.type != "cuda" or (
+            dtype in (torch.float16, torch.bfloat16)
+            and self.head_dim % 8 == 0 and self.head_dim <= 256)
+
     # --- metadata -------------------------------------------------------------------------
 
     def num_splits(self, batch: int) -> int:
@@ -112,8 +122,7 @@ class TritonPagedAttention:
             if chunk.num_new == 1:
                 decode_rows.append(start)
                 decode_chunks.append(chunk)
-            elif (chunk.num_cached == 0 and not self.window
-                  and chunk.num_new >= WHOLE_PROMPT_MIN_TOKENS):
+            elif self._sdpa_takes(chunk, pool.layout.dtype):
                 whole_prompts.append((start, chunk.num_new))
             else:
                 extend_rows.append(start)
