@@ -237,11 +237,9 @@ class Router:
             response = await call.read()
         except grpc.aio.AioRpcError as e:
             failure = await self._failure(e, worker, role)
-            if first:
+            if first or isinstance(failure, APIError):
                 raise failure from None
-            # mypy is right: an APIError (client fault, CANCELLED) has no .error, so this raises
-            # AttributeError; fixed apart from this annotations-only change
-            raise failure.error from None  # type: ignore[union-attr]
+            raise failure.error from None  # the client has tokens: no retry
         return None if response is grpc.aio.EOF else response
 
     async def _failure(self, e: grpc.aio.AioRpcError, worker: Worker,
