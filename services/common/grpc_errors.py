@@ -35,7 +35,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
     """Unexpected exceptions from any handler: traceback logged, INTERNAL answered."""
 
     async def intercept_service(self, continuation: Callable[..., Any],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return handler

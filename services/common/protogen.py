@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="fail if the committed stubs are stale")
     args = ap.parse_args(argv)
     if not args.check:
-        for stale in OUT_ROOT.rglob("*_pb2*.py*"):
-            stale.unlink()
+        for old in OUT_ROOT.rglob("*_pb2*.py*"):
+            old.unlink()
         OUT_ROOT.mkdir(parents=True, exist_ok=True)
         generate(OUT_ROOT)
         return 0
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh = Path(tmp) / "proto"
         fresh.mkdir()
         shutil.copy(OUT_ROOT / "__init__.py", fresh / "__init__.py")
-        stale = []
+        stale: list[str] = []
         for path in generate(fresh):
             committed = OUT_ROOT / path.relative_to(fresh)
             if not committed.exists() or not filecmp.cmp(path, committed, shallow=False):

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.util.types import AttributeValue
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +99,12 @@ def span(name: str, **attributes) -> contextlib.AbstractContextManager[trace.Spa
 
 
 def start_span(name: str, parent: trace.Span | None = None, servicer_context=None,
-               server: bool = False, **attributes) -> trace.Span | None:
+               server: bool = False, attributes: Mapping[str, AttributeValue] | None = None,
+               ) -> trace.Span | None:
     """A span not made current (for async generators, whose code runs across yields): its
     parent is `parent`, else the caller found in `servicer_context`'s metadata. End it with
-    `end_span`. None when off."""
+    `end_span`. None when off. (`attributes` is a mapping, not keywords as elsewhere here: the
+    names have dots, and a `**{...}` could collide with the named parameters.)"""
     if not _ENABLED:
         return None
     ctx: otel_context.Context | None
@@ -110,7 +113,8 @@ def start_span(name: str, parent: trace.Span | None = None, servicer_context=Non
     else:
         ctx = context_from_grpc(servicer_context) if servicer_context is not None else None
     kind = trace.SpanKind.SERVER if server else trace.SpanKind.INTERNAL
-    return tracer("tandem").start_span(name, context=ctx, kind=kind, attributes=attributes)
+    return tracer("tandem").start_span(name, context=ctx, kind=kind,
+                                       attributes=dict(attributes or {}))
 
 
 def end_span(current: trace.Span | None, error: BaseException | None = None,

@@ -26,13 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     for note in config.notes():
         logging.getLogger("services.decode").warning("%s", note)
     # imports torch: only once the flags are good
-    if config.disaggregation_mode == "decode":
-        from services.decode.pd import DecodeWorker as Worker
-    else:
-        from services.decode.server import Worker
+    from services.decode.server import Worker
 
+    worker_class: type[Worker] = Worker
+    if config.disaggregation_mode == "decode":
+        from services.decode.pd import DecodeWorker
+
+        worker_class = DecodeWorker
     try:
-        worker = Worker(config)
+        worker = worker_class(config)
         return asyncio.run(worker.serve())
     except (ValueError, OSError, RuntimeError) as e:
         print(f"tandem serve: error: {e}", file=sys.stderr)

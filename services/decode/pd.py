@@ -74,7 +74,7 @@ class DecodeServicer(GenerateServicer):
                              prompt_ids: list[int], params: SamplingParams, span=None
                              ) -> AsyncGenerator[RequestOutput, None]:
         room = request.disaggregation.room
-        waiting = tracing.start_span("decode.wait_for_kv", span, **{"tandem.room": room})
+        waiting = tracing.start_span("decode.wait_for_kv", span, attributes={"tandem.room": room})
         try:
             page_ids = await self._reserve(request_id, prompt_ids, params)
         except BaseException as e:

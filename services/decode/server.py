@@ -70,7 +70,7 @@ class GenerateServicer(worker_pb2_grpc.GenerateServiceServicer):
         self.live_request_ids.add(request_id)
         timer = self.metrics.request()
         span = tracing.start_span(f"{self.metrics.mode}.request", servicer_context=context,
-                                  server=True, **{"tandem.request_id": request_id})
+                                  server=True, attributes={"tandem.request_id": request_id})
         error: BaseException | None = None
         tokens = 0
         try:

@@ -164,6 +164,7 @@ class TorchPagedAttention:
             kv_pos = torch.arange(kv_len)[None, :]
             allowed = kv_pos <= q_pos
             if needs_window:
+                assert window is not None  # needs_window says so
                 allowed &= q_pos - kv_pos < window
             mask = allowed.to(device)
         kv_rows = rows.to(device) if chunk.num_cached > 0 else None

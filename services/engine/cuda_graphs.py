@@ -66,8 +66,8 @@ class DecodeGraphs:
                                     self.pool, b.metadata(size))
         return self.model.compute_logits(hidden)
 
-    def _capture(self, size: int, memory_pool: object) -> tuple[torch.cuda.CUDAGraph,
-                                                                 torch.Tensor]:
+    def _capture(self, size: int, memory_pool: torch.cuda._POOL_HANDLE
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Padding rows only: nothing is stored and the kernels compile before capture.
         self.buffers.slot_rows.fill_(-1)
         self.buffers.kv_lens.zero_()

@@ -69,9 +69,8 @@ def build_runner(model: LlamaModel, pool: KVPool, config: EngineConfig,
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch_native"
     if backend == "torch_native":
-        attention = TorchPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                        mc.sliding_window)
-        return ModelRunner(model, pool, attention)
+        return ModelRunner(model, pool, TorchPagedAttention(mc.num_heads, mc.num_kv_heads,
+                                                            mc.head_dim, mc.sliding_window))
     if device.type != "cuda":
         raise ValueError("--attention-backend triton needs a CUDA device; use torch_native")
     from services.engine.triton_attention import TritonPagedAttention

@@ -24,7 +24,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -243,10 +243,14 @@ def build_app(router: Router, metrics: GatewayMetrics, api_key: str | None = Non
               Route("/metrics", prometheus),
               Route("/start_profile", start_profile, methods=["POST"]),
               Route("/stop_profile", stop_profile, methods=["POST"])]
+    # Starlette types every handler as taking any Exception; it calls each one only with the
+    # class it is registered for
     return Starlette(routes=routes,
                      middleware=[Middleware(_AuthAndCount, api_key=api_key, metrics=metrics)],
-                     exception_handlers={APIError: _api_error,
-                                         StarletteHTTPException: _http_error})
+                     exception_handlers={
+                         APIError: _api_error,  # type: ignore[dict-item]
+                         StarletteHTTPException: _http_error,  # type: ignore[dict-item]
+                     })
 
 
 def _not_ready(router: Router) -> APIError:
@@ -269,7 +273,7 @@ def _finish(metrics: GatewayMetrics, endpoint: str, timing: _Timing, job: Job,
 
 
 async def _merged(router: Router, job: Job, span=None
-                  ) -> AsyncIterator[tuple[int, worker_pb2.GenerateResponse]]:
+                  ) -> AsyncGenerator[tuple[int, worker_pb2.GenerateResponse], None]:
     """(choice index, response) from all of the job's requests as they arrive. Closing it
     cancels every request still running."""
     if len(job.requests) == 1:
@@ -308,9 +312,10 @@ async def _merged(router: Router, job: Job, span=None
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _stream(job: Job, events: AsyncIterator, first: tuple | None, choices: list[Choice],
-                  timing: _Timing, metrics: GatewayMetrics, endpoint: str, span=None
-                  ) -> AsyncIterator[bytes]:
+async def _stream(job: Job, events: AsyncGenerator[tuple[int, worker_pb2.GenerateResponse], None],
+                  first: tuple | None, choices: list[Choice], timing: _Timing,
+                  metrics: GatewayMetrics, endpoint: str, span=None
+                  ) -> AsyncGenerator[bytes, None]:
     writer = ChunkWriter(job)
     opened: set[int] = set()
     finished = False

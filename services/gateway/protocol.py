@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services.common.proto.tandem.v1 import worker_pb2
 from services.gateway.errors import APIError, bad_request
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 MAX_N = 128
 
@@ -198,6 +201,11 @@ def parse_chat(body: Any) -> Job:
                opts.include_usage, opts.continuous_usage_stats, logprobs=b.logprobs)
 
 
+def _is_token_ids(prompt: list[str] | list[int] | list[list[int]]) -> TypeIs[list[int]]:
+    """One tokenized prompt (ids, not empty) rather than a list of prompts."""
+    return bool(prompt) and all(isinstance(x, int) for x in prompt)
+
+
 def parse_completion(body: Any) -> Job:
     b: CompletionBody = _validate(CompletionBody, body)
     if b.suffix:
@@ -211,7 +219,7 @@ def parse_completion(body: Any) -> Job:
     p = b.prompt
     if isinstance(p, str):
         prompts = [p]
-    elif p and all(isinstance(x, int) for x in p):
+    elif _is_token_ids(p):
         prompts = [p]  # one tokenized prompt
     else:
         prompts = list(p)

@@ -22,14 +22,15 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health_pb2
 from opentelemetry.trace import Span
 
 from services.common import tracing
-from services.common.proto.tandem.v1 import worker_pb2
+from services.common.proto.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway import spans
 from services.gateway.errors import CLIENT_FAULT_CODES, APIError
 from services.gateway.metrics import GatewayMetrics
@@ -66,7 +67,7 @@ class Router:
         self.check_timeout_s = check_timeout_s
         for role, group in groups.items():
             for worker in group.workers:
-                worker.on_removed = lambda w, role=role: self._forget(role, w)
+                worker.on_removed = partial(self._forget, role)
 
     def _forget(self, role: str, worker: Worker) -> None:
         self.policies[role].forget(worker.url)
@@ -87,7 +88,7 @@ class Router:
 
     async def stream(self, request: worker_pb2.GenerateRequest, model: str,
                      routing_text: str, span: Span | None = None
-                     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+                     ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
         """`span`: the request's trace span, if traced; attempts become its children."""
         deadline = time.monotonic() + self.request_timeout_s
         excluded: set[str] = set()
@@ -101,8 +102,9 @@ class Router:
             error: BaseException | None = None
             try:
                 this = _attempt_request(request, attempt)
-                legs = (self._pd_attempt(this, *picked, deadline, attempt_span) if self.pd
-                        else self._unified_attempt(this, picked[0], deadline, attempt_span))
+                legs = (self._pd_attempt(this, picked[0], picked[1], deadline, attempt_span)
+                        if self.pd else
+                        self._unified_attempt(this, picked[0], deadline, attempt_span))
                 async with contextlib.aclosing(legs) as responses:
                     async for response in responses:
                         yielded = True
@@ -152,7 +154,8 @@ class Router:
 
     async def _unified_attempt(self, request: worker_pb2.GenerateRequest, worker: Worker,
                                deadline: float, span: Span | None = None
-                               ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+                               ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
+        assert isinstance(worker.stub, worker_pb2_grpc.GenerateServiceStub)  # role "worker"
         call = worker.stub.Generate(request, timeout=_remaining(deadline),
                                     metadata=tracing.metadata_for(span))
         try:
@@ -167,7 +170,7 @@ class Router:
 
     async def _pd_attempt(self, request: worker_pb2.GenerateRequest, prefill: Worker,
                           decode: Worker, deadline: float, span: Span | None = None
-                          ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+                          ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
         room = uuid.uuid4().hex
         if span is not None:
             span.set_attribute("tandem.room", room)
@@ -175,6 +178,8 @@ class Router:
         prefill_req = with_room(request, room, decode.kvd_peer_address)
         timeout = _remaining(deadline)
         metadata = tracing.metadata_for(span)
+        assert isinstance(decode.stub, worker_pb2_grpc.GenerateServiceStub)
+        assert isinstance(prefill.stub, worker_pb2_grpc.PrefillServiceStub)
         decode_call = decode.stub.Generate(decode_req, timeout=timeout, metadata=metadata)
         prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(request=prefill_req),
                                             timeout=timeout, metadata=metadata)
@@ -183,8 +188,8 @@ class Router:
         try:
             done, _ = await asyncio.wait({prefill_task, first_task},
                                          return_when=asyncio.FIRST_COMPLETED)
-            if first_task not in done and prefill_task.exception() is not None:
-                raise prefill_task.exception()  # the prefill leg failed: no KV will come
+            if first_task not in done and (prefill_error := prefill_task.exception()) is not None:
+                raise prefill_error  # the prefill leg failed: no KV will come
             try:
                 first = await first_task
             except _AttemptFailed as failed:
@@ -232,9 +237,9 @@ class Router:
             response = await call.read()
         except grpc.aio.AioRpcError as e:
             failure = await self._failure(e, worker, role)
-            if first:
+            if first or isinstance(failure, APIError):
                 raise failure from None
-            raise failure.error from None
+            raise failure.error from None  # the client has tokens: no retry
         return None if response is grpc.aio.EOF else response
 
     async def _failure(self, e: grpc.aio.AioRpcError, worker: Worker,

@@ -47,6 +47,8 @@ class Worker:
         self.url = spec.url
         self.role = role
         self.channel = grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS)
+        # a prefill worker serves PrefillService, the others GenerateService
+        self.stub: worker_pb2_grpc.PrefillServiceStub | worker_pb2_grpc.GenerateServiceStub
         if role == "prefill":
             self.stub = worker_pb2_grpc.PrefillServiceStub(self.channel)
         else:

@@ -58,8 +58,8 @@ class AheadSend:
     def _open(self, page_ids: list[int], ready_event: bytes) -> None:
         self._page_ids = list(page_ids)
         self._span = tracing.start_span("kv.transfer", parent=self._parent,
-                                        **{"tandem.room": self.room,
-                                           "tandem.sent_ahead": bool(ready_event)})
+                                        attributes={"tandem.room": self.room,
+                                                    "tandem.sent_ahead": bool(ready_event)})
         self._call = self._stub.SendKvAhead(metadata=tracing.metadata_for(self._span))
         request = kvd_pb2.SendKvRequest(pool_id=self._pool_id, room=self.room,
                                         page_ids=self._page_ids, peer_address=self._peer_address,
