@@ -67,7 +67,7 @@ def main() -> int:
         "gateway_end": _best_ns(lambda: tracing.end_span(None)),
         "server_span": _best_ns(_with_server_span),
         "span": _best_ns(_with_span),
-        "start_span": _best_ns(lambda: tracing.start_span("x", None, a=1)),
+        "start_span": _best_ns(lambda: tracing.start_span("x", None, attributes={"a": 1})),
         "end_span": _best_ns(lambda: tracing.end_span(None, None, a=1)),
         "metadata_for": _best_ns(lambda: tracing.metadata_for(None)),
         "grpc_metadata": _best_ns(tracing.grpc_metadata),
