@@ -180,8 +180,10 @@ class NotificationListener:
             if self._waiting <= 0 and not self._closing:
                 self._wanted.clear()
 
-    def _landed_early(self, sender: str, message: bytes) -> bool:
-        """Whether `message` says a write is in flight; a landing goes to `on_landed`."""
+    def _look_early(self, sender: str, message: bytes) -> bool:
+        """The poll thread's own look at `message`, before the event loop delivers it: a
+        landing goes to `on_landed` at once; returns whether the message says a write is still
+        in flight (which keeps the poll fast)."""
         try:
             done = decode(message)
         except ValueError:
@@ -214,7 +216,7 @@ class NotificationListener:
                 if message.startswith(POSTED):
                     posted_at = now
                     continue
-                if self._landed_early(sender, message):
+                if self._look_early(sender, message):
                     posted_at = now
                 try:
                     loop.call_soon_threadsafe(self._deliver, sender, message)
