@@ -48,7 +48,10 @@ class _EngineCollector(Collector):
                 ("kv_pages_total", "pages of the KV pool", total),
                 ("kv_pages_used", "KV pages held by requests (not free, not evictable)",
                  total - free),
-                ("kv_pages_free", "KV pages free or evictable (prefix cache)", free)):
+                ("kv_pages_free", "KV pages free or evictable (prefix cache)", free),
+                ("engine_last_step_end_seconds", "Unix time the engine's last step ended (0: "
+                 "none yet): how long a worker was busy in a run that ends with others working",
+                 engine.last_step_end)):
             family = GaugeMetricFamily(f"tandem_worker_{name}", doc, labels=["mode"])
             family.add_metric(mode, value)
             yield family

@@ -10,8 +10,9 @@ calls `use_device()` first):
   steps where every request decodes are overlapped (`overlap.py`): such a step returns the
   previous step's outputs, and a finished request's pages are released once the GPU is done
   with them (at the latest when the engine has no more work). `steps` and `step_seconds` count
-  the calls and the wall time spent in them (with `scheduler.scheduled_tokens`, what the
-  metrics report as the engine's duty and batch fill).
+  the calls and the wall time spent in them, `last_step_end` is when the last one returned
+  (Unix time; with `scheduler.scheduled_tokens`, what the metrics report as the engine's duty
+  and batch fill).
 - `abort(request_id)` ends a request wherever it is (queued, prefilling, decoding) and frees its
   pages at once.
 PD hooks (the engine never moves KV itself; kvd does, between the calls):
@@ -101,6 +102,7 @@ class LLMEngine:
         # how busy the driving thread keeps the engine: read (not locked) by the metrics
         self.steps = 0
         self.step_seconds = 0.0
+        self.last_step_end = 0.0  # time.time() when the last step returned; 0: none yet
         self.on_kv_computed: Callable[[KvComputed], None] | None = None  # engine thread
         self._arrivals = itertools.count()
 
@@ -259,6 +261,7 @@ class LLMEngine:
         finally:
             self.steps += 1
             self.step_seconds += time.perf_counter() - started
+            self.last_step_end = time.time()
 
     def _step(self) -> list[RequestOutput]:
         self._landings.keep_failed(self.poll_landings())  # first: a landed request joins this step

@@ -42,7 +42,9 @@ def _check_runs(results: dict, rates: dict[str, float]) -> None:
                             ("pd_1p1d", {"prefill", "decode"})):
             activity = run[name]["worker_activity"]
             assert set(activity) == names
-            assert all(0 <= w["duty"] <= 1 for w in activity.values())
+            for w in activity.values():
+                assert 0 <= w["duty"] <= w["duty_to_last_step"] <= 1
+                assert w["active_s"] <= w["elapsed_s"]
         pd_workers = run["pd_1p1d"]["worker_activity"]
         for worker in pd_workers.values():
             assert worker["duty"] > 0 and worker["steps"] > 0

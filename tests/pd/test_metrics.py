@@ -6,6 +6,7 @@ counts compared with what the workload and the services' own RPCs report."""
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 
 import grpc
@@ -77,8 +78,10 @@ def test_metrics_count_the_workload(deployment):
     d = deployment
     (_, pport), (_, dport) = d.prefill[0], d.decode[0]
     workers = [(f"127.0.0.1:{pport}", "prefill"), (f"127.0.0.1:{dport}", "decode")]
+    started = time.time()
     results = asyncio.run(_run_workload(d))
     asyncio.run(wait_baseline(d.nodes, workers))
+    ended = time.time()
 
     generated = [len(ids) for ids, _, _ in results]
     assert generated == [n for _, n in WORKLOAD]  # ignore_eos: each ends at its max_tokens
@@ -110,6 +113,7 @@ def test_metrics_count_the_workload(deployment):
     steps = value(m, "tandem_worker_engine_steps_total")
     assert max(generated) - 1 <= steps <= sum(generated) - n
     assert value(m, "tandem_worker_engine_step_seconds_total") > 0
+    assert started < value(m, "tandem_worker_engine_last_step_end_seconds") < ended
 
     # --- prefill worker ---
     info = asyncio.run(model_info(pport, "prefill"))
@@ -126,6 +130,7 @@ def test_metrics_count_the_workload(deployment):
     assert value(m, "tandem_worker_scheduled_tokens_total") == computed
     assert 1 <= value(m, "tandem_worker_engine_steps_total") <= n  # no prompt needs 2 chunks
     assert value(m, "tandem_worker_engine_step_seconds_total") > 0
+    assert started < value(m, "tandem_worker_engine_last_step_end_seconds") < ended
     load = asyncio.run(load_at(f"127.0.0.1:{pport}", "prefill"))
     assert value(m, "tandem_worker_kv_pages_total") == load.num_pages
     assert value(m, "tandem_worker_kv_pages_free") == load.num_free_pages
