@@ -182,19 +182,32 @@ def _attention_ms(engine: LLMEngine, meta, size: int) -> float:
         meta.slot_rows.copy_(slots)
 
 
-def prefill_step(engine: LLMEngine) -> float:
-    """Median ms of one engine step that prefills a PREFILL_TOKENS prompt (first token
-    sampled)."""
+def bench_engine(model: LlamaModel, chunked_prefill_size: int = 8192) -> LLMEngine:
+    """The engine the GPU benches measure: 4,600 pages of 16 tokens, no prefix cache, cuda:0."""
+    return LLMEngine(model, None, EngineConfig(
+        page_size=16, num_pages=4600, max_running_requests=64,
+        chunked_prefill_size=chunked_prefill_size, enable_prefix_cache=False, device="cuda:0"))
+
+
+def timed_prefill_step(engine: LLMEngine, batch: int, tokens: int, seed: int) -> float:
+    """Seconds of one engine step that prefills `batch` random prompts of `tokens` tokens
+    (first token sampled); AssertionError if they did not all finish in that step."""
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    times = []
-    for i in range(6):
-        engine.add_request(f"p{i}", _prompts(1, PREFILL_TOKENS, seed=100 + i)[0], params)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        (output,) = engine.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        assert output.finished
+    for i, prompt in enumerate(_prompts(batch, tokens, seed)):
+        engine.add_request(f"s{seed}-{i}", prompt, params)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = engine.step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    assert len(outputs) == batch and all(o.finished for o in outputs), "not one step"
+    return elapsed
+
+
+def prefill_step(engine: LLMEngine) -> float:
+    """Median ms of one engine step that prefills a PREFILL_TOKENS prompt (the first of six
+    left out)."""
+    times = [timed_prefill_step(engine, 1, PREFILL_TOKENS, seed=100 + i) for i in range(6)]
     return statistics.median(times[1:]) * 1e3
 
 
@@ -262,9 +275,7 @@ def main() -> None:
     config = ModelConfig.from_hf_dict(LLAMA_31_8B)
     weights = {k: v for k, v in hf.state_dict().items()}
     model = LlamaModel(config, weights, device=device, dtype=torch.bfloat16)
-    engine = LLMEngine(model, None, EngineConfig(
-        page_size=16, num_pages=4600, max_running_requests=64, chunked_prefill_size=8192,
-        enable_prefix_cache=False, device="cuda:0"))
+    engine = bench_engine(model)
     layout = engine.pool.layout
     kv_per_token = layout.page_bytes // layout.page_size
     weight_bytes = _read_bytes(model)
@@ -303,9 +314,7 @@ def main() -> None:
     hf = _hf_model(LLAMA_32_1B, device)
     model = LlamaModel(ModelConfig.from_hf_dict(LLAMA_32_1B), dict(hf.state_dict()),
                        device=device, dtype=torch.bfloat16)
-    engine = LLMEngine(model, None, EngineConfig(
-        page_size=16, num_pages=4600, max_running_requests=64, chunked_prefill_size=8192,
-        enable_prefix_cache=False, device="cuda:0"))
+    engine = bench_engine(model)
     result["vs_transformers_1b"] = compare_with_transformers(engine, hf)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("wrote", args.out)

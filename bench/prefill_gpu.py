@@ -36,14 +36,19 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
-from bench.engine_gpu import LLAMA_31_8B, _hf_model, _matmul_params, _prompts
+from bench.engine_gpu import (
+    LLAMA_31_8B,
+    _hf_model,
+    _matmul_params,
+    bench_engine,
+    timed_prefill_step,
+)
 from bench.gpu_baselines import cuda_time_ms, gpu_machine, matmul_tflops
 from services.engine import triton_attention
 from services.engine.attention import SequenceChunk
 from services.engine.config import ModelConfig
-from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.engine import LLMEngine
 from services.engine.model import LlamaModel
-from services.engine.sampling_params import SamplingParams
 
 SHAPES = {"2x2000": (2, 2000), "1x4096": (1, 4096)}  # (prompts per step, tokens per prompt)
 KINDS = (  # (kind, substrings of a kernel's name), first match wins
@@ -72,20 +77,6 @@ def _model_flops(config: ModelConfig, batch: int, tokens: int) -> float:
         config, batch, tokens)
 
 
-def _step(engine: LLMEngine, batch: int, tokens: int, seed: int) -> float:
-    """Seconds of one engine step that prefills `batch` prompts of `tokens` tokens."""
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    for i, prompt in enumerate(_prompts(batch, tokens, seed)):
-        engine.add_request(f"s{seed}-{i}", prompt, params)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    outputs = engine.step()
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    assert len(outputs) == batch and all(o.finished for o in outputs), "not one step"
-    return elapsed
-
-
 @contextlib.contextmanager
 def extend_kernel_only() -> Iterator[None]:
     """The baseline: every prefill chunk prepared for the extend kernel, none for SDPA."""
@@ -101,10 +92,10 @@ def step_breakdown(engine: LLMEngine, batch: int, tokens: int, steps: int = 4) -
     from torch.profiler import ProfilerActivity, profile
 
     for i in range(3):  # compile and warm every kernel of this shape
-        _step(engine, batch, tokens, seed=1000 + i)
-    times = [_step(engine, batch, tokens, seed=2000 + i) for i in range(6)]
+        timed_prefill_step(engine, batch, tokens, seed=1000 + i)
+    times = [timed_prefill_step(engine, batch, tokens, seed=2000 + i) for i in range(6)]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        wall = sum(_step(engine, batch, tokens, seed=3000 + i) for i in range(steps))
+        wall = sum(timed_prefill_step(engine, batch, tokens, seed=3000 + i) for i in range(steps))
     by_kind: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         if getattr(event, "device_type", DeviceType.CUDA) != DeviceType.CUDA:
@@ -115,8 +106,8 @@ def step_breakdown(engine: LLMEngine, batch: int, tokens: int, steps: int = 4) -
         if device_us > 0:
             by_kind[_kind(event.key)] += device_us / 1e3 / steps
     with extend_kernel_only():
-        _step(engine, batch, tokens, seed=3999)  # its kernel compiled for this shape
-        baseline = [_step(engine, batch, tokens, seed=4000 + i) for i in range(6)]
+        timed_prefill_step(engine, batch, tokens, seed=3999)  # its kernel compiled for this shape
+        baseline = [timed_prefill_step(engine, batch, tokens, seed=4000 + i) for i in range(6)]
     step_ms = statistics.median(times) * 1e3
     busy = sum(by_kind.values())
     return {"step_ms": round(step_ms, 2),
@@ -184,9 +175,7 @@ def main() -> None:
     config = ModelConfig.from_hf_dict(LLAMA_31_8B)
     model = LlamaModel(config, dict(hf.state_dict()), device=device, dtype=torch.bfloat16)
     del hf
-    engine = LLMEngine(model, None, EngineConfig(
-        page_size=16, num_pages=4600, max_running_requests=64, chunked_prefill_size=4096,
-        enable_prefix_cache=False, device="cuda:0"))
+    engine = bench_engine(model, chunked_prefill_size=4096)
     shapes = {}
     for name, (batch, tokens) in SHAPES.items():
         row = step_breakdown(engine, batch, tokens)
